@@ -1,0 +1,63 @@
+"""The privrad error hierarchy.
+
+Every error the project raises on purpose derives from :class:`PrivradError`, so a
+caller can catch the whole family at once and a CLI can print a clean message::
+
+    PrivradError
+    ├── ConfigError            a configuration value breaks a rule (names the field)
+    ├── DataError              input data cannot be used (names the file)
+    │   ├── DicomError         a DICOM file is unusable (names the tag where one is at fault)
+    │   └── LabelError         a label is not in the class list
+    ├── ModelError             a model file or architecture is unusable
+    └── PrivacyBudgetError     a step would exceed a privacy budget
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class PrivradError(Exception):
+    """Base class of every error privrad raises on purpose."""
+
+
+class ConfigError(PrivradError, ValueError):
+    """A configuration value breaks a rule; the message names the field and the value."""
+
+
+class DataError(PrivradError):
+    """Input data cannot be used.
+
+    Parameters
+    ----------
+    path
+        The file or folder at fault, or ``None`` when the problem is not tied to one.
+    problem
+        What is wrong, in words a hospital engineer can act on.
+    """
+
+    def __init__(self, path: Path | str | None, problem: str) -> None:
+        self.path = Path(path) if path is not None else None
+        self.problem = problem
+        where = f"{self.path}: " if self.path is not None else ""
+        super().__init__(f"{where}{problem}")
+
+
+class DicomError(DataError):
+    """A DICOM file cannot be used; ``tag`` names the attribute at fault, if one is."""
+
+    def __init__(self, path: Path | str | None, problem: str, *, tag: str | None = None) -> None:
+        self.tag = tag
+        super().__init__(path, f"{tag} {problem}" if tag else problem)
+
+
+class LabelError(DataError):
+    """A label is not one of the known classes."""
+
+
+class ModelError(PrivradError):
+    """A model file or architecture cannot be used."""
+
+
+class PrivacyBudgetError(PrivradError):
+    """A DP step set would exceed the privacy budget."""

@@ -1,0 +1,259 @@
+"""The model family: Ref-CNN and Approx-CNN (Asan study: Ref-CNN → Approx-CNN → HE-CNN).
+
+Both share one topology so the accuracy cost of each substitution is visible::
+
+    stage k (k = 1..len(channels)):  conv3x3 → norm → act → pool/2
+    optional residual unit after the last stage:  x + act(norm(conv3x3(x)))
+    head:  global average pool → linear
+
+=============  ===========================  ==========================================
+part           Ref-CNN                      Approx-CNN
+=============  ===========================  ==========================================
+norm           BatchNorm                    scaled weight standardisation (folds into
+                                            the conv weights) or none: DP-SGD needs
+                                            per-sample gradients, HE needs linear ops
+act            ReLU                         polynomial fit of ReLU on [-B, B], degree d
+pool           max-pool                     average pool (linear, folds into the next
+                                            layer under HE)
+=============  ===========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from federation.errors import ConfigError
+
+__all__ = [
+    "CLASSES",
+    "ArchConfig",
+    "ModelKind",
+    "NormKind",
+    "PolyAct",
+    "WSConv2d",
+    "build_model",
+    "relu_poly_coefficients",
+]
+
+CLASSES: tuple[str, ...] = ("normal", "cyst", "tumour")
+# Fixed input standardisation of windowed CT in [0, 1] (folds into the first conv under HE).
+INPUT_MEAN = 0.3
+INPUT_STD = 0.3
+
+
+class ModelKind(enum.StrEnum):
+    """Which member of the family."""
+
+    REF = "ref"
+    APPROX = "approx"
+
+
+class NormKind(enum.StrEnum):
+    """Normalisation of the Approx-CNN's convolutions (both fold into plain conv weights)."""
+
+    WS = "ws"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Architecture of a Ref-CNN or Approx-CNN.
+
+    Parameters
+    ----------
+    kind
+        ``ref`` or ``approx``.
+    input_size
+        Side of the square single-channel input, in pixels; divisible by ``2**len(channels)``.
+    channels
+        Output channels of each stage.
+    num_classes
+        Number of output logits.
+    residual
+        Add an identity residual unit after the last stage.
+    degree
+        Degree of the Approx-CNN's polynomial activation (2 to 4).
+    act_bound
+        ``B``: the activation polynomial fits ReLU on ``[-B, B]``; inputs are
+        expected to stay in that range (checked at HE export).
+    norm
+        Normalisation of the Approx-CNN's convolutions.
+    """
+
+    kind: ModelKind = ModelKind.APPROX
+    input_size: int = 64
+    channels: tuple[int, ...] = (16, 32, 64)
+    num_classes: int = len(CLASSES)
+    residual: bool = False
+    degree: int = 2
+    act_bound: float = 4.0
+    norm: NormKind = NormKind.WS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ModelKind(self.kind))
+        object.__setattr__(self, "norm", NormKind(self.norm))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ConfigError(f"`channels` must be positive integers, got {self.channels}")
+        factor = 2 ** len(self.channels)
+        if self.input_size < factor or self.input_size % factor:
+            raise ConfigError(
+                f"`input_size` must be a positive multiple of 2**len(channels) = {factor}, "
+                f"got {self.input_size}"
+            )
+        if self.num_classes < 2:
+            raise ConfigError(f"`num_classes` must be at least 2, got {self.num_classes}")
+        if not 2 <= self.degree <= 4:
+            raise ConfigError(f"`degree` must be 2, 3 or 4, got {self.degree}")
+        if self.act_bound <= 0:
+            raise ConfigError(f"`act_bound` must be positive, got {self.act_bound}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-types form, for checkpoints and JSON."""
+        d = dataclasses.asdict(self)
+        d["kind"], d["norm"], d["channels"] = str(self.kind), str(self.norm), list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown architecture fields: {sorted(unknown)}")
+        return cls(**{**d, "channels": tuple(d.get("channels", cls.channels))})
+
+
+def relu_poly_coefficients(degree: int, bound: float) -> tuple[float, ...]:
+    """Least-squares polynomial fit of ReLU on ``[-bound, bound]`` (uniform weight).
+
+    Returns the coefficients ``(c0, c1, ..., c_degree)`` in increasing order.
+    """
+    x = np.linspace(-bound, bound, 4001)
+    coef = np.polynomial.polynomial.polyfit(x, np.maximum(x, 0.0), degree)
+    return tuple(float(c) for c in coef)
+
+
+class PolyAct(nn.Module):
+    """Polynomial activation ``sum_k c_k x**k``, a fixed fit of ReLU on ``[-B, B]``.
+
+    The coefficients are buffers, not parameters: they are part of the architecture, so
+    the HE compiler can rely on them, and DP-SGD has nothing extra to clip.
+    """
+
+    coefficients: torch.Tensor
+
+    def __init__(self, degree: int = 2, bound: float = 4.0) -> None:
+        super().__init__()
+        self.degree = degree
+        self.bound = bound
+        self.register_buffer(
+            "coefficients", torch.tensor(relu_poly_coefficients(degree, bound), dtype=torch.float32)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Horner evaluation of the polynomial."""
+        out = self.coefficients[-1] * x + self.coefficients[-2]
+        for c in reversed(self.coefficients[:-2]):
+            out = out * x + c
+        return out
+
+    def extra_repr(self) -> str:
+        return f"degree={self.degree}, bound={self.bound}"
+
+
+class WSConv2d(nn.Module):
+    """Conv2d with scaled weight standardisation (Brock et al., NF-Nets).
+
+    ``w_hat = gain * (w - mean(w)) / (std(w) * sqrt(fan_in))`` per output channel. Unlike
+    BatchNorm it uses no batch statistics, so DP-SGD's per-sample gradients are exact,
+    and at inference ``w_hat`` is an ordinary conv kernel (:meth:`folded_weight`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, padding: int = 1) -> None:
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), 1.0))
+        nn.init.kaiming_normal_(self.weight, nonlinearity="linear")
+
+    def folded_weight(self) -> torch.Tensor:
+        """The plain conv kernel this layer computes with."""
+        w = self.weight
+        fan_in = w[0].numel()
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return self.gain * (w - mean) * torch.rsqrt(var * fan_in + 1e-4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve with the standardised kernel."""
+        return F.conv2d(x, self.folded_weight(), self.bias, self.stride, self.padding)
+
+
+def _conv_unit(cin: int, cout: int, cfg: ArchConfig) -> list[nn.Module]:
+    if cfg.kind is ModelKind.REF:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    conv: nn.Module = (
+        WSConv2d(cin, cout) if cfg.norm is NormKind.WS else nn.Conv2d(cin, cout, 3, padding=1)
+    )
+    return [conv, PolyAct(cfg.degree, cfg.act_bound)]
+
+
+class Residual(nn.Module):
+    """``x + body(x)``: an identity residual unit."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the body's output to its input."""
+        out: torch.Tensor = x + self.body(x)
+        return out
+
+
+class PrivradCNN(nn.Module):
+    """A member of the family; build it with :func:`build_model`."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        stages: list[nn.Module] = []
+        cin = 1
+        for cout in cfg.channels:
+            pool = nn.MaxPool2d(2) if cfg.kind is ModelKind.REF else nn.AvgPool2d(2)
+            stages.append(nn.Sequential(*_conv_unit(cin, cout, cfg), pool))
+            cin = cout
+        if cfg.residual:
+            stages.append(Residual(nn.Sequential(*_conv_unit(cin, cin, cfg))))
+        self.features = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(cin, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of ``(N, 1, H, W)`` images in ``[0, 1]``."""
+        x = (x - INPUT_MEAN) / INPUT_STD
+        x = self.features(x)
+        x = self.flatten(self.pool(x))
+        out: torch.Tensor = self.classifier(x)
+        return out
+
+
+def build_model(cfg: ArchConfig, *, seed: int | None = None) -> PrivradCNN:
+    """Build a fresh model; ``seed`` makes the initial weights reproducible."""
+    if seed is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return PrivradCNN(cfg)
+    return PrivradCNN(cfg)
