@@ -1,0 +1,1 @@
+"""Federated training with Flower: the ServerApp (FedAvg, later inside SecAgg+)."""

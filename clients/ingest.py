@@ -24,10 +24,10 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 
 from federation.errors import ConfigError, DataError, DicomError, LabelError
 from federation.model import CLASSES
@@ -127,7 +127,8 @@ class ImageSet:
 def apply_window(hu: npt.NDArray[np.floating], center: float, width: float) -> npt.NDArray[np.float32]:
     """Map HU to ``[0, 1]`` with a linear window, clipping outside it."""
     lo = center - width / 2.0
-    return np.clip((hu - lo) / width, 0.0, 1.0).astype(np.float32)
+    out: npt.NDArray[np.float32] = np.clip((hu - lo) / width, 0.0, 1.0).astype(np.float32)
+    return out
 
 
 def _resize(img: npt.NDArray[np.float32], size: int) -> torch.Tensor:
@@ -135,6 +136,20 @@ def _resize(img: npt.NDArray[np.float32], size: int) -> torch.Tensor:
     if t.shape[-2:] != (size, size):
         t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return t[0].clamp_(0.0, 1.0)
+
+
+def _check_complete(path: Path, ds: pydicom.Dataset) -> None:
+    """Refuse a file that ends inside its data set (pydicom stops quietly at end of file)."""
+    tags = list(ds.keys())
+    if not tags:
+        raise DicomError(path, "is truncated or corrupt: the file ends after its file meta header")
+    last = ds.get_item(tags[-1])
+    length = getattr(last, "length", None)
+    value = getattr(last, "value", None)
+    if (isinstance(length, int) and length != 0xFFFFFFFF and isinstance(value, bytes)
+            and len(value) < length):
+        raise DicomError(path, f"is truncated: {len(value)} of {length} bytes present",
+                         tag=f"{last.tag} {pydicom.datadict.dictionary_description(last.tag)}")
 
 
 def read_dicom_hu(path: Path, *, modality: str | None = "CT") -> npt.NDArray[np.float64]:
@@ -152,6 +167,7 @@ def read_dicom_hu(path: Path, *, modality: str | None = "CT") -> npt.NDArray[np.
         raise DicomError(path, f"is not a DICOM file ({exc})") from exc
     except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise DicomError(path, f"is truncated or corrupt: cannot parse the header ({exc})") from exc
+    _check_complete(path, ds)
 
     if modality is not None:
         found = str(ds.get("Modality", "")).strip()
@@ -208,7 +224,7 @@ def _dicom_to_tensor(path: Path, pre: Preprocess) -> torch.Tensor:
 def _label_index(label: str, classes: Sequence[str], where: Path) -> int:
     key = label.strip().casefold()
     key = _LABEL_ALIASES.get(key, key)
-    folded = [c.casefold() for c in classes]
+    folded = [_LABEL_ALIASES.get(c.casefold(), c.casefold()) for c in classes]
     if key not in folded:
         raise LabelError(where, f"label {label!r} is not in the class list {tuple(classes)}")
     return folded.index(key)

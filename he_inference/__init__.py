@@ -1,0 +1,1 @@
+"""CKKS encrypted inference: compile the Approx-CNN to an HE-CNN (to come)."""

@@ -1,0 +1,1 @@
+"""DP-SGD, privacy ledger, audits and protected storage (to come)."""

@@ -1,0 +1,5 @@
+"""Synthetic hospitals and scenario runners."""
+
+from simulations.phantoms import PhantomConfig, generate_phantoms
+
+__all__ = ["PhantomConfig", "generate_phantoms"]

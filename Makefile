@@ -1,0 +1,37 @@
+# privrad: two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.privrad-installed
+DEMO   ?= runs/demo
+
+export FLWR_TELEMETRY_ENABLED = 0
+export FLWR_DISABLE_UPDATE_CHECK = 1
+export PYTHONUNBUFFERED = 1
+
+.PHONY: demo test lint install clean
+
+# (Re)install only when the venv is missing or pyproject.toml changed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+demo: $(STAMP)
+	$(VENV)/bin/privrad phantoms --out $(DEMO)/data --sites 5 --per-site 300 --size 64 --seed 0
+	$(VENV)/bin/privrad train --data $(DEMO)/data --model ref --out $(DEMO)/ref
+	$(VENV)/bin/privrad train --data $(DEMO)/data --model approx --out $(DEMO)/approx
+	$(VENV)/bin/privrad evaluate --model $(DEMO)/approx/model.pt --data $(DEMO)/data/test
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,173 @@
+"""The ``privrad`` command line: one verb per stage, ``--help`` on each."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from federation.errors import PrivradError
+from federation.model import ArchConfig, ModelKind
+
+app = typer.Typer(
+    name="privrad",
+    help="Privacy-preserving medical imaging AI: federated DP training, CKKS encrypted inference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+    )
+
+
+@app.command()
+def phantoms(
+    out: Annotated[Path, typer.Option(help="Destination folder (site-K/ and test/ are written here).")],
+    sites: Annotated[int, typer.Option(help="Number of simulated hospitals.")] = 5,
+    per_site: Annotated[int, typer.Option(help="Training slices per site.")] = 300,
+    test: Annotated[int, typer.Option(help="Held-out test slices (balanced, all scanners).")] = 300,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes identical files.")] = 0,
+    difficulty: Annotated[float, typer.Option(help="1 = default task; higher is harder.")] = 1.0,
+) -> None:
+    """Write synthetic kidney-CT hospitals as real CT DICOM files with labels.csv."""
+    from simulations.phantoms import PhantomConfig, generate_phantoms
+
+    cfg = PhantomConfig(sites=sites, per_site=per_site, test=test, size=size, seed=seed,
+                        difficulty=difficulty)
+    with _progress() as bar:
+        task = bar.add_task("phantoms", total=sites * per_site + test, info="")
+        profiles = generate_phantoms(out, config=cfg, progress=lambda n: bar.advance(task, n))
+    table = Table("site", "normal/cyst/tumour mix", "noise HU", "offset HU", "blur px")
+    for p in profiles:
+        table.add_row(p.name, " / ".join(f"{m:.2f}" for m in p.class_mix), f"{p.noise_hu:.1f}",
+                      f"{p.offset_hu:+.1f}", f"{p.blur_px:.2f}")
+    out_console.print(table)
+    out_console.print(f"wrote {sites * per_site} training + {test} test slices to {out}")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Data folder: site-K/ folders (pooled) or one dataset.")],
+    out: Annotated[Path, typer.Option(help="Run folder for model.pt and metrics.json.")],
+    model: Annotated[ModelKind, typer.Option(help="Ref-CNN or Approx-CNN.")] = ModelKind.APPROX,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    test: Annotated[Path | None, typer.Option(help="Held-out set (default DATA/test).")] = None,
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
+) -> None:
+    """Train centrally on all sites pooled (the non-private upper bound) and evaluate."""
+    from clients.train import EpochStats, TrainConfig
+    from simulations.centralised import train_centralised
+
+    arch = ArchConfig(kind=model, input_size=size)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    with _progress() as bar:
+        task = bar.add_task(f"train {model}", total=epochs, info="")
+
+        def on_epoch(s: EpochStats) -> None:
+            bar.update(task, advance=1, info=f"loss {s.loss:.3f}")
+
+        result = train_centralised(data, test=test or data / "test", out=out, arch=arch, train=cfg,
+                                   on_error="skip" if skip_bad else "raise", on_epoch=on_epoch)
+    _print_metrics(result.metrics, title=f"{model} on {test or data / 'test'}")
+    if result.skipped:
+        console.print(f"[yellow]{result.skipped} files skipped (see log above)")
+    out_console.print(f"model: {result.model_path} (sha256 {result.model_sha256[:12]}…), "
+                      f"{result.train_images} training images, {result.seconds:.0f} s")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="A model.pt written by train or simulate.")],
+    data: Annotated[Path, typer.Option(help="Labelled data to evaluate on.")],
+    out: Annotated[Path | None, typer.Option(help="Write the metrics as JSON here too.")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported).")] = False,
+) -> None:
+    """Re-compute AUC/AUPRC/accuracy of a saved model on a labelled data set."""
+    from clients.ingest import Preprocess, load_dataset
+    from clients.train import evaluate as evaluate_model
+    from federation.storage import atomic_write_json, load_checkpoint
+
+    ckpt = load_checkpoint(model)
+    pre = Preprocess(**ckpt.meta["preprocess"])
+    dataset = load_dataset(data, classes=ckpt.meta["classes"], preprocess=pre,
+                           on_error="skip" if skip_bad else "raise")
+    metrics = evaluate_model(ckpt.model, dataset)
+    _print_metrics(metrics, title=f"{model} on {data}")
+    out_console.print_json(json.dumps(metrics))
+    if out is not None:
+        atomic_write_json(out, metrics)
+
+
+@app.command()
+def scan(
+    data: Annotated[Path, typer.Option(help="A data folder (site-K/ folders, DICOM+labels.csv, "
+                                            "PNG tree) or .npz.")],
+    size: Annotated[int, typer.Option(help="Resize target, as for training.")] = 64,
+) -> None:
+    """Check a data set: how many images load, per class, and which files are skipped and why."""
+    from clients.ingest import Preprocess, SkippedFile, load_dataset
+    from simulations.centralised import site_folders
+
+    folders = site_folders(data) or [data]
+    test = data / "test"
+    if test.is_dir():
+        folders.append(test)
+    table = Table("folder", "images", *("per class",), "skipped")
+    problems: list[SkippedFile] = []
+    for folder in folders:
+        ds = load_dataset(folder, preprocess=Preprocess(size=size), on_error="skip")
+        table.add_row(str(folder), str(len(ds)), json.dumps(ds.class_counts()), str(len(ds.skipped)))
+        problems += ds.skipped
+    out_console.print(table)
+    for s in problems:
+        out_console.print(f"skipped {s.path}: {s.reason}")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _print_metrics(metrics: dict[str, object], *, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("AUC")
+    table.add_column("AUPRC")
+    auc = metrics["auc_per_class"]
+    auprc = metrics["auprc_per_class"]
+    assert isinstance(auc, dict)
+    assert isinstance(auprc, dict)
+    for name in auc:
+        a, p = auc[name], auprc[name]
+        table.add_row(name, "n/a" if a is None else f"{a:.3f}", "n/a" if p is None else f"{p:.3f}")
+    table.add_row("[bold]macro", f"[bold]{metrics['auc_macro']:.3f}", "")
+    out_console.print(table)
+    out_console.print(f"accuracy {metrics['accuracy']:.3f} on {metrics['n']} images")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning privrad's own errors into a one-line message."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except PrivradError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

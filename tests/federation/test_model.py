@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from federation.errors import ConfigError
+from federation.model import (
+    ArchConfig,
+    ModelKind,
+    NormKind,
+    PolyAct,
+    Residual,
+    WSConv2d,
+    build_model,
+    relu_poly_coefficients,
+)
+
+# Module types whose inference computation is a polynomial in the input (HE-evaluable).
+POLYNOMIAL_MODULES = (WSConv2d, nn.Conv2d, PolyAct, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+                      nn.Linear, nn.Sequential, Residual)
+POLY_TOL = 1e-5
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("norm", list(NormKind))
+def test_approx_cnn_contains_only_polynomial_modules(residual: bool, norm: NormKind) -> None:
+    model = build_model(ArchConfig(kind=ModelKind.APPROX, residual=residual, norm=norm))
+
+    offenders = [f"{name}: {type(m).__name__}" for name, m in model.named_modules()
+                 if name and not isinstance(m, POLYNOMIAL_MODULES)]
+
+    assert offenders == []
+
+
+def test_ref_cnn_has_relu_batchnorm_and_max_pool() -> None:
+    kinds = {type(m) for m in build_model(ArchConfig(kind=ModelKind.REF)).modules()}
+
+    assert {nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d} <= kinds
+
+
+@pytest.mark.parametrize("size", [64, 256])
+@pytest.mark.parametrize("kind", list(ModelKind))
+def test_both_models_give_one_logit_per_class(size: int, kind: ModelKind) -> None:
+    model = build_model(ArchConfig(kind=kind, input_size=size)).eval()
+
+    assert model(torch.rand(2, 1, size, size)).shape == (2, 3)
+
+
+def test_same_seed_gives_the_same_initial_weights() -> None:
+    a = build_model(ArchConfig(), seed=7).state_dict()
+    b = build_model(ArchConfig(), seed=7).state_dict()
+
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("degree", [2, 3, 4])
+def test_poly_act_evaluates_its_polynomial(degree: int) -> None:
+    act = PolyAct(degree, bound=3.0)
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64)
+
+    expected = np.polynomial.polynomial.polyval(x.numpy(), relu_poly_coefficients(degree, 3.0))
+
+    np.testing.assert_allclose(act(x.float()).double().numpy(), expected, atol=POLY_TOL)
+
+
+def test_relu_fit_improves_with_degree() -> None:
+    x = np.linspace(-2, 2, 1001)
+    err = [np.abs(np.polynomial.polynomial.polyval(x, relu_poly_coefficients(d, 2.0)) - np.maximum(x, 0)).max()
+           for d in (2, 4)]
+
+    assert err[1] < err[0] < 0.5
+
+
+def test_ws_conv_equals_a_plain_conv_with_its_folded_weight() -> None:
+    torch.manual_seed(0)
+    layer = WSConv2d(3, 5)
+    x = torch.randn(2, 3, 9, 9)
+
+    expected = F.conv2d(x, layer.folded_weight(), layer.bias, padding=1)
+
+    torch.testing.assert_close(layer(x), expected)
+    w = layer.folded_weight()
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.zeros(5), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("field", "value", "rule"), [
+    ("input_size", 60, "multiple of"), ("degree", 5, "2, 3 or 4"), ("channels", (), "positive"),
+    ("num_classes", 1, "at least 2"), ("act_bound", 0.0, "positive"),
+])
+def test_bad_architecture_names_field_and_rule(field: str, value: object, rule: str) -> None:
+    with pytest.raises(ConfigError, match=f"`{field}`.*{rule}"):
+        ArchConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_architecture_round_trips_through_a_dict() -> None:
+    cfg = ArchConfig(kind=ModelKind.REF, channels=(4, 8), input_size=32, residual=True)
+
+    assert ArchConfig.from_dict(cfg.to_dict()) == cfg

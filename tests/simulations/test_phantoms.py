@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from clients.ingest import read_dicom_hu
+from federation.errors import ConfigError
+from federation.model import CLASSES
+from simulations.phantoms import PhantomConfig, generate_phantoms, site_profiles, write_ct_dicom
+
+from ..conftest import TINY
+
+
+def _digest_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_same_seed_writes_byte_identical_files(tiny_federation: Path, tmp_path: Path) -> None:
+    generate_phantoms(tmp_path, config=TINY)
+
+    assert _digest_tree(tmp_path) == _digest_tree(tiny_federation)
+
+
+def test_another_seed_writes_different_images(tiny_federation: Path, tmp_path: Path) -> None:
+    generate_phantoms(tmp_path, config=PhantomConfig(sites=2, per_site=12, test=9, size=32, seed=4))
+
+    a = pydicom.dcmread(tiny_federation / "site-1" / "site-1_00000.dcm").pixel_array
+    b = pydicom.dcmread(tmp_path / "site-1" / "site-1_00000.dcm").pixel_array
+    assert not np.array_equal(a, b)
+
+
+def test_layout_has_sites_test_and_labels(tiny_federation: Path) -> None:
+    for folder in ("site-1", "site-2", "test"):
+        rows = list(csv.DictReader((tiny_federation / folder / "labels.csv").open()))
+        assert len(rows) == (TINY.test if folder == "test" else TINY.per_site)
+        assert {r["label"] for r in rows} <= set(CLASSES)
+        assert all((tiny_federation / folder / r["file"]).is_file() for r in rows)
+
+
+def test_files_are_real_ct_dicom_with_unique_uids(tiny_federation: Path) -> None:
+    files = sorted(tiny_federation.rglob("*.dcm"))
+    datasets = [pydicom.dcmread(f) for f in files]
+
+    assert all(ds.Modality == "CT" for ds in datasets)
+    assert all(ds.SOPClassUID == pydicom.uid.CTImageStorage for ds in datasets)
+    assert len({ds.SOPInstanceUID for ds in datasets}) == len(files)
+    assert all(float(ds.RescaleIntercept) == -1024.0 and float(ds.RescaleSlope) == 1.0 for ds in datasets)
+    assert all(ds.Rows == ds.Columns == TINY.size for ds in datasets)
+    assert all(float(ds.PixelSpacing[0]) > 0 for ds in datasets)
+
+
+def test_written_hu_values_read_back_exactly(tmp_path: Path) -> None:
+    # Prepare: golden HU values at integer positions, covering air, fat, water, soft tissue, bone
+    hu = np.array([[-1000.0, -100.0, 0.0, 40.0], [150.0, 700.0, 1200.0, -1024.0],
+                   [3071.0, 1.0, -1.0, 255.0], [20.0, 30.0, 60.0, 90.0]])
+    path = tmp_path / "golden.dcm"
+
+    # Execute
+    write_ct_dicom(path, hu, patient_id="golden", uid_entropy=["golden"])
+    back = read_dicom_hu(path)
+    raw = pydicom.dcmread(path).pixel_array
+
+    # Assert: stored value = HU + 1024, and the modality LUT gives the HU back
+    assert raw.dtype == np.uint16
+    assert raw[0, 0] == 24
+    assert raw[0, 2] == 1024
+    assert raw[1, 1] == 1724
+    np.testing.assert_array_equal(back, hu)
+
+
+def test_sites_differ_in_mix_noise_offset_and_blur() -> None:
+    profiles = site_profiles(PhantomConfig(sites=5))
+
+    assert len({p.class_mix for p in profiles}) == 5
+    assert np.ptp([p.noise_hu for p in profiles]) > 3.0
+    assert np.ptp([p.offset_hu for p in profiles]) > 5.0
+    assert all(min(p.class_mix) > 0.1 for p in profiles)
+
+
+@pytest.mark.parametrize(("field", "value"), [("sites", 0), ("per_site", 0), ("size", 8),
+                                              ("difficulty", 0.0), ("test", -1)])
+def test_bad_config_names_the_field(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        PhantomConfig(**{field: value})
