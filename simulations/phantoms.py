@@ -58,7 +58,7 @@ VIEW_CENTER_Y = 0.2
 FIELD_OF_VIEW_MM = 420.0 * VIEW_HALF_WIDTH
 _STUDY_DATE = "20260101"
 # `render_slice`'s raw difficulty for PhantomConfig.difficulty = 1 (calibrated on Ref-CNN AUC).
-DIFFICULTY_SCALE = 0.25
+DIFFICULTY_SCALE = 0.35
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,19 @@ def test_poly_act_evaluates_its_polynomial(degree: int) -> None:
     np.testing.assert_allclose(act(x.float()).double().numpy(), expected, atol=POLY_TOL)
 
 
+def test_learnable_poly_act_applies_one_polynomial_per_channel() -> None:
+    act = PolyAct(2, bound=0.5, channels=2)
+    with torch.no_grad():
+        act.coefficients.copy_(torch.tensor([[1.0, -1.0], [2.0, 0.0], [0.5, 3.0]])[:, :, None, None])
+    x = torch.linspace(-2, 2, 8).reshape(1, 1, 2, 4).repeat(1, 2, 1, 1)
+
+    out = act(x)
+
+    torch.testing.assert_close(out[:, 0], 1.0 + 2.0 * x[:, 0] + 0.5 * x[:, 0] ** 2)
+    torch.testing.assert_close(out[:, 1], -1.0 + 3.0 * x[:, 1] ** 2)
+    assert act.coefficients.requires_grad
+
+
 def test_relu_fit_improves_with_degree() -> None:
     x = np.linspace(-2, 2, 1001)
     err = [np.abs(np.polynomial.polynomial.polyval(x, relu_poly_coefficients(d, 2.0)) - np.maximum(x, 0)).max()
