@@ -1,33 +1,93 @@
-"""Flower ServerApp: federated averaging of the hospitals' models.
+"""Flower ServerApp: FedAvg (or FedAdam) inside Flower's SecAgg+ workflow, legacy path.
 
-The federated issue composes this with the SecAgg+ workflow and central DP; here it is
-plain FedAvg on Flower's legacy strategy path (the one SecAgg+ needs in Flower 1.41).
+SecAgg+ works only on Flower 1.41's legacy path (see the design notes): a legacy strategy
+in a ``LegacyContext`` run by ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))``.
+The workflow unmasks only the *sum* of the clients' weighted vectors; every ``FitRes``
+the strategy then sees carries that same aggregate, never an individual update.
+
+Each round the global model is evaluated centrally on the held-out set and checkpointed;
+``metrics.json``, ``global_model.pt`` and ``training.png`` are rewritten atomically.
 """
 
 from __future__ import annotations
 
-from flwr.common import Context, ndarrays_to_parameters
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-from flwr.server.strategy import FedAvg
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
+from flwr.common import Context, ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import FedAdam, FedAvg, Strategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from aggregator.metrics import RunRecorder
 from clients.client_app import get_weights
+from clients.ingest import Preprocess, load_dataset
+from federation.config import RunConfig, StrategyKind
+from federation.errors import ConfigError
 from federation.model import ArchConfig, build_model
 
-__all__ = ["app"]
+__all__ = ["app", "build_strategy", "make_server_app", "secagg_workflow"]
+
+log = logging.getLogger(__name__)
 
 
-def server_fn(context: Context) -> ServerAppComponents:
-    """FedAvg over all connected hospitals, starting from a seeded Approx-CNN."""
-    cfg = context.run_config
-    model = build_model(ArchConfig(input_size=int(cfg["image-size"])), seed=0)
-    strategy = FedAvg(
-        fraction_fit=1.0,
-        fraction_evaluate=0.0,
-        min_fit_clients=2,
-        min_available_clients=2,
-        initial_parameters=ndarrays_to_parameters(get_weights(model)),
+def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
+    """The legacy strategy of the run, wired to the recorder's evaluation and metrics hooks."""
+    initial = ndarrays_to_parameters(get_weights(build_model(ArchConfig(input_size=cfg.image_size), seed=cfg.seed)))
+    common: dict[str, Any] = {
+        "fraction_fit": cfg.fraction_fit,
+        "fraction_evaluate": 0.0,
+        "min_fit_clients": cfg.min_clients,
+        "min_available_clients": cfg.min_clients,
+        "evaluate_fn": recorder.evaluate,
+        "fit_metrics_aggregation_fn": recorder.aggregate_fit_metrics,
+        "on_fit_config_fn": lambda r: {"server-round": r},
+        "initial_parameters": initial,
+    }
+    if cfg.strategy is StrategyKind.FEDAVG:
+        return FedAvg(**common)
+    if cfg.strategy is StrategyKind.FEDADAM:
+        return FedAdam(**common, eta=cfg.server_learning_rate)
+    raise ConfigError(f"`strategy` {cfg.strategy!r} is not available on the SecAgg+ path yet; "
+                      f"use one of {[StrategyKind.FEDAVG.value, StrategyKind.FEDADAM.value]}")
+
+
+def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the run's shares, threshold and (always) a timeout."""
+    return SecAggPlusWorkflow(
+        num_shares=cfg.secagg_num_shares,
+        reconstruction_threshold=cfg.secagg_threshold,
+        max_weight=cfg.secagg_max_weight,
+        clipping_range=cfg.secagg_clipping_range,
+        timeout=cfg.secagg_timeout,
     )
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=int(cfg["num-server-rounds"])))
 
 
-app = ServerApp(server_fn=server_fn)
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = RunConfig.from_flower(context.run_config, overrides)
+        if not cfg.data_dir and not cfg.test_dir:
+            raise ConfigError("`data-dir` or `test-dir` must be set: the server evaluates on a held-out set")
+        if not cfg.out_dir:
+            raise ConfigError("`out-dir` must be set: checkpoints and metrics are written there")
+        test = load_dataset(Path(cfg.test_dir or Path(cfg.data_dir) / "test"),
+                            preprocess=Preprocess(size=cfg.image_size))
+        recorder = RunRecorder(cfg, test, Path(cfg.out_dir))
+        strategy = build_strategy(cfg, recorder)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds),
+                               strategy=strategy)
+        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg) if cfg.secagg else None)
+        workflow(grid, legacy)
+        recorder.write()
+
+    return server
+
+
+app = make_server_app()

@@ -1,13 +1,21 @@
-"""Flower ClientApp: one hospital trains the shared model on its own data.
+"""Flower ClientApp: one hospital trains the shared Approx-CNN on its own data.
 
-A thin adapter: data loading and training live in :mod:`clients.ingest` and
-:mod:`clients.train`. In simulation the hospital's folder is ``data-dir/site-K`` with
-``K = partition-id + 1``; in deployment it is ``data-path`` from ``--node-config``.
-The federated issue adds DP-SGD (Opacus) and the SecAgg+ mod to this app.
+A thin adapter over :mod:`clients.ingest`, :mod:`clients.train` and :mod:`privacy`:
+
+* the hospital's folder is ``data-dir/site-K`` with ``K = partition-id + 1`` in simulation,
+  or ``data-path`` from ``--node-config`` in deployment;
+* with ``dp`` on, local training is Opacus DP-SGD; every round's step set goes to the
+  site's privacy ledger (``ledger-path`` node config, else ``out-dir/ledger/site-K.json``),
+  which keeps ε cumulative across rounds and refuses a round that would exceed the budget;
+* with ``secagg`` on, the reply passes through Flower's ``secaggplus_mod`` (legacy path:
+  a ``NumPyClient``), so only masked vectors leave the hospital.
 """
 
 from __future__ import annotations
 
+import logging
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +23,30 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import Context
+from flwr.common import Context, Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.clientapp.typing import ClientAppCallable
 
 from clients.ingest import ImageSet, Preprocess, load_dataset
 from clients.train import TrainConfig, evaluate, train_epochs
-from federation.errors import ConfigError
+from federation.config import RunConfig
+from federation.errors import ConfigError, PrivacyBudgetError
 from federation.model import ArchConfig, PrivradCNN, build_model
+from privacy.dp import DPConfig, default_delta, noise_for_target, planned_step_set, train_dp_round
+from privacy.ledger import PrivacyLedger
 
-__all__ = ["app"]
+__all__ = ["HospitalClient", "app", "get_weights", "make_client_app", "set_weights", "site_data_path"]
+
+log = logging.getLogger(__name__)
 
 NDArrays = list[npt.NDArray[Any]]
 
 
 def get_weights(model: PrivradCNN) -> NDArrays:
     """The model's state as a list of numpy arrays (state-dict order)."""
-    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
 
 
 def set_weights(model: PrivradCNN, weights: NDArrays) -> None:
@@ -41,44 +57,115 @@ def set_weights(model: PrivradCNN, weights: NDArrays) -> None:
     model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
 
 
-def site_data_path(context: Context) -> Path:
+def site_name(context: Context) -> str:
+    """``site-K`` in simulation; the node config's ``site`` (or the data folder's name) in deployment."""
+    node = context.node_config
+    if "site" in node:
+        return str(node["site"])
+    if "data-path" in node:
+        return Path(str(node["data-path"])).name
+    return f"site-{int(node['partition-id']) + 1}"
+
+
+def site_data_path(context: Context, cfg: RunConfig | None = None) -> Path:
     """The hospital's data folder, from node config (deployment) or partition id (simulation)."""
     node = context.node_config
     if "data-path" in node:
         return Path(str(node["data-path"]))
-    root = str(context.run_config.get("data-dir", ""))
+    root = cfg.data_dir if cfg is not None else str(context.run_config.get("data-dir", ""))
     if not root:
         raise ConfigError("`data-dir` (run config) or `data-path` (node config) must be set")
-    return Path(root) / f"site-{int(node['partition-id']) + 1}"
+    return Path(root) / site_name(context)
+
+
+def ledger_path(context: Context, cfg: RunConfig) -> Path:
+    """Where this site's privacy ledger lives."""
+    if "ledger-path" in context.node_config:
+        return Path(str(context.node_config["ledger-path"]))
+    if not cfg.out_dir:
+        raise ConfigError("`out-dir` (run config) or `ledger-path` (node config) must be set with DP on")
+    return Path(cfg.out_dir) / "ledger" / f"{site_name(context)}.json"
 
 
 class HospitalClient(NumPyClient):
-    """Local training on one site's images."""
+    """Local (optionally DP-SGD) training on one site's images."""
 
-    def __init__(self, data: ImageSet, arch: ArchConfig, train: TrainConfig) -> None:
-        self.data, self.train = data, train
-        self.model = build_model(arch)
+    def __init__(self, data: ImageSet, cfg: RunConfig, *, site: str, ledger: PrivacyLedger | None) -> None:
+        self.data, self.cfg, self.site, self.ledger = data, cfg, site, ledger
+        self.arch = ArchConfig(input_size=cfg.image_size)
+        self.model = build_model(self.arch)
 
-    def fit(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
+    def train_config(self, server_round: int) -> TrainConfig:
+        """Local optimiser settings; the seed differs per round and site."""
+        return TrainConfig(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.learning_rate,
+                           seed=zlib.crc32(f"{self.cfg.seed}/{self.site}/{server_round}".encode()))
+
+    def noise_multiplier(self) -> float:
+        """σ: configured, or derived so that all planned rounds reach the target ε."""
+        if self.cfg.noise_multiplier > 0:
+            return self.cfg.noise_multiplier
+        assert self.ledger is not None
+        _, q, steps = planned_step_set(len(self.data), train=self.train_config(1), noise_multiplier=1.0)
+        target = self.cfg.target_epsilon or self.cfg.epsilon_budget
+        return noise_for_target(target, delta=self.ledger.delta, sample_rate=q,
+                                steps=steps * self.cfg.num_server_rounds)
+
+    def fit(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
+        """Train from the global weights; with DP, check and record the privacy spend."""
+        server_round = int(config.get("server-round", 0))
         set_weights(self.model, parameters)
-        history = train_epochs(self.model, self.data, config=self.train)
-        return get_weights(self.model), len(self.data), {"loss": history[-1].loss}
+        train = self.train_config(server_round)
+        metrics: dict[str, Any] = {"site": self.site, "refused": 0}
+        if self.ledger is None:
+            loss = train_epochs(self.model, self.data, config=train)[-1].loss
+        else:
+            sigma = self.noise_multiplier()
+            planned = planned_step_set(len(self.data), train=train, noise_multiplier=sigma)
+            try:
+                self.ledger.check([planned])
+            except PrivacyBudgetError as exc:
+                log.warning("%s", exc)
+                return parameters, 0, {**metrics, "refused": 1, "reason": str(exc),
+                                       "epsilon": self.ledger.epsilon(), "delta": self.ledger.delta}
+            dp = DPConfig(max_grad_norm=self.cfg.max_grad_norm, epsilon_budget=self.cfg.epsilon_budget)
+            result = train_dp_round(self.model, self.data, train=train, dp=dp, noise_multiplier=sigma)
+            if result.step_set != planned:
+                raise PrivacyBudgetError(f"site {self.site}: ran {result.step_set}, planned {planned}")
+            eps = self.ledger.record(server_round, [result.step_set])
+            loss = result.loss
+            metrics.update(epsilon=eps, delta=self.ledger.delta, noise_multiplier=sigma)
+        metrics["loss"] = float(loss)
+        return get_weights(self.model), len(self.data), metrics
 
-    def evaluate(self, parameters: NDArrays, config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+    def evaluate(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
+        """Local metrics of the global model (not used with centralised evaluation)."""
         set_weights(self.model, parameters)
         metrics = evaluate(self.model, self.data)
         return 1.0 - float(metrics["auc_macro"]), len(self.data), {"auc_macro": metrics["auc_macro"]}
 
 
-def client_fn(context: Context) -> Client:
-    """Build the hospital's client for one message."""
-    torch.set_num_threads(1)
-    cfg = context.run_config
-    arch = ArchConfig(input_size=int(cfg["image-size"]))
-    data = load_dataset(site_data_path(context), preprocess=Preprocess(size=arch.input_size))
-    train = TrainConfig(epochs=int(cfg["local-epochs"]), batch_size=int(cfg["batch-size"]),
-                        lr=float(cfg["learning-rate"]))
-    return HospitalClient(data, arch, train).to_client()
+def secagg_when_configured(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Run ``secaggplus_mod`` for messages of the SecAgg+ workflow, pass the others through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
 
 
-app = ClientApp(client_fn=client_fn)
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``."""
+
+    def client_fn(context: Context) -> Client:
+        torch.set_num_threads(1)
+        cfg = RunConfig.from_flower(context.run_config, overrides)
+        site = site_name(context)
+        data = load_dataset(site_data_path(context, cfg), preprocess=Preprocess(size=cfg.image_size))
+        ledger = None
+        if cfg.dp:
+            ledger = PrivacyLedger(ledger_path(context, cfg), site=site, budget=cfg.epsilon_budget,
+                                   delta=default_delta(len(data), cfg.delta or None))
+        return HospitalClient(data, cfg, site=site, ledger=ledger).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secagg_when_configured])
+
+
+app = make_client_app()

@@ -1,0 +1,115 @@
+"""Typed run configuration shared by the ServerApp and the ClientApp.
+
+Flower hands both apps ``context.run_config``, a flat mapping read from
+``[tool.flwr.app.config]`` in ``pyproject.toml`` and ``--run-config`` overrides.
+:meth:`RunConfig.from_flower` turns it into a frozen, validated dataclass once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from federation.errors import ConfigError
+
+__all__ = ["RunConfig", "StrategyKind"]
+
+
+class StrategyKind(enum.StrEnum):
+    """Server-side aggregation strategy (all run inside SecAgg+ when it is on)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run.
+
+    Field names are the run-config keys with ``-`` replaced by ``_``. A value of 0 for
+    ``noise_multiplier``, ``target_epsilon`` or ``delta`` means "derive it" (σ from the
+    target ε over the planned rounds; target ε = budget; δ = 1/(10 N) per site).
+    """
+
+    num_server_rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    image_size: int = 64
+    data_dir: str = ""
+    test_dir: str = ""
+    out_dir: str = ""
+    seed: int = 0
+    # differential privacy (client-side DP-SGD)
+    dp: bool = True
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    epsilon_budget: float = 8.0
+    delta: float = 0.0
+    # secure aggregation
+    secagg: bool = True
+    secagg_num_shares: float = 1.0
+    secagg_threshold: float = 0.6
+    secagg_timeout: float = 120.0
+    secagg_max_weight: float = 10000.0
+    secagg_clipping_range: float = 8.0
+    # strategy
+    strategy: StrategyKind = StrategyKind.FEDAVG
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    min_clients: int = 2
+    fraction_fit: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategy", StrategyKind(self.strategy))
+        positive = ("num_server_rounds", "local_epochs", "batch_size", "learning_rate", "image_size",
+                    "max_grad_norm", "epsilon_budget", "secagg_num_shares", "secagg_threshold",
+                    "secagg_timeout", "secagg_max_weight", "secagg_clipping_range")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"`{name.replace('_', '-')}` must be positive, got {getattr(self, name)}")
+        for name in ("noise_multiplier", "target_epsilon", "delta", "proximal_mu"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{name.replace('_', '-')}` must not be negative, got {getattr(self, name)}")
+        if self.delta >= 1:
+            raise ConfigError(f"`delta` must be below 1, got {self.delta}")
+        if self.target_epsilon > self.epsilon_budget:
+            raise ConfigError(f"`target-epsilon` {self.target_epsilon} exceeds `epsilon-budget` "
+                              f"{self.epsilon_budget}")
+        if self.min_clients < 2 and self.secagg:
+            raise ConfigError(f"`min-clients` must be at least 2 with SecAgg+, got {self.min_clients}")
+        if not 0 < self.fraction_fit <= 1:
+            raise ConfigError(f"`fraction-fit` must be in (0, 1], got {self.fraction_fit}")
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Build from Flower's flat run config (``-`` separated keys); unknown keys are an error."""
+        merged = {**dict(run_config), **dict(overrides or {})}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in merged.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"unknown run-config key `{key}`; known: "
+                                  f"{sorted(k.replace('_', '-') for k in fields)}")
+            default = fields[name].default
+            if isinstance(default, bool):
+                values[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            elif isinstance(default, enum.Enum):
+                values[name] = str(value)
+            else:
+                values[name] = type(default)(value)
+        return cls(**values)
+
+    def to_flower(self) -> dict[str, Any]:
+        """Flat ``-`` separated form (Flower run-config values: bool, int, float, str)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = str(v) if isinstance(v, enum.Enum) else v
+        return out
