@@ -87,8 +87,10 @@ class RunRecorder:
         loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
         metrics = classification_metrics(probs, labels, self.test.classes)
         if server_round > 0:
+            aggregated = {"aggregated": True, **self._pending} if self._pending else {
+                "aggregated": False, "sites_contributed": 0, "sites_refused": 0}
             row = {"round": server_round, "auc_macro": metrics["auc_macro"], "loss": loss,
-                   "accuracy": metrics["accuracy"], **self._pending,
+                   "accuracy": metrics["accuracy"], **aggregated,
                    "seconds": time.perf_counter() - self._start}
             self.rounds.append(row)
             self._pending = {}

@@ -12,12 +12,25 @@ Each round the global model is evaluated centrally on the held-out set and check
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.common import Context, ndarrays_to_parameters
+from flwr.common import (
+    Context,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
@@ -55,6 +68,45 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
                       f"use one of {[StrategyKind.FEDAVG.value, StrategyKind.FEDADAM.value]}")
 
 
+FitObserver = Callable[[int, list[tuple[NDArrays, int]]], None]
+
+
+class ObservedStrategy(Strategy):
+    """A strategy that delegates to ``inner`` and shows ``observer`` what ``aggregate_fit`` receives.
+
+    Every ``(parameters, num_examples)`` the strategy is handed is exactly what
+    server-side code can see of the clients' updates.
+    """
+
+    def __init__(self, inner: Strategy, observer: FitObserver) -> None:
+        self.inner, self.observer = inner, observer
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                      ) -> list[tuple[ClientProxy, FitIns]]:
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.observer(server_round, [(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in results])
+        return self.inner.aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
+                           ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]
+                           ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return self.inner.evaluate(server_round, parameters)
+
+
 def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ fit workflow with the run's shares, threshold and (always) a timeout."""
     return SecAggPlusWorkflow(
@@ -66,8 +118,12 @@ def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
     )
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
+def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: FitObserver | None = None
+                    ) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``.
+
+    ``observer`` (for audits and tests) is shown what the strategy receives each round.
+    """
     server = ServerApp()
 
     @server.main()
@@ -81,6 +137,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
                             preprocess=Preprocess(size=cfg.image_size))
         recorder = RunRecorder(cfg, test, Path(cfg.out_dir))
         strategy = build_strategy(cfg, recorder)
+        if observer is not None:
+            strategy = ObservedStrategy(strategy, observer)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds),
                                strategy=strategy)
         workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg) if cfg.secagg else None)

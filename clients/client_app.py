@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ import torch
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.clientapp.typing import ClientAppCallable
 
 from clients.ingest import ImageSet, Preprocess, load_dataset
 from clients.train import TrainConfig, evaluate, train_epochs
@@ -90,8 +90,10 @@ def ledger_path(context: Context, cfg: RunConfig) -> Path:
 class HospitalClient(NumPyClient):
     """Local (optionally DP-SGD) training on one site's images."""
 
-    def __init__(self, data: ImageSet, cfg: RunConfig, *, site: str, ledger: PrivacyLedger | None) -> None:
+    def __init__(self, data: ImageSet, cfg: RunConfig, *, site: str, ledger: PrivacyLedger | None,
+                 before_fit: Callable[[], None] | None = None) -> None:
         self.data, self.cfg, self.site, self.ledger = data, cfg, site, ledger
+        self.before_fit = before_fit
         self.arch = ArchConfig(input_size=cfg.image_size)
         self.model = build_model(self.arch)
 
@@ -112,6 +114,8 @@ class HospitalClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
         """Train from the global weights; with DP, check and record the privacy spend."""
+        if self.before_fit is not None:
+            self.before_fit()
         server_round = int(config.get("server-round", 0))
         set_weights(self.model, parameters)
         train = self.train_config(server_round)
@@ -151,8 +155,13 @@ def secagg_when_configured(msg: Message, ctxt: Context, call_next: ClientAppCall
     return call_next(msg, ctxt)
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``."""
+def make_client_app(overrides: Mapping[str, Any] | None = None, *,
+                    before_fit: Callable[[Context], None] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``.
+
+    ``before_fit`` runs at the start of every ``fit``, mid-protocol under SecAgg+ (fault
+    injection in dropout tests).
+    """
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)
@@ -163,7 +172,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         if cfg.dp:
             ledger = PrivacyLedger(ledger_path(context, cfg), site=site, budget=cfg.epsilon_budget,
                                    delta=default_delta(len(data), cfg.delta or None))
-        return HospitalClient(data, cfg, site=site, ledger=ledger).to_client()
+        hook = (lambda: before_fit(context)) if before_fit is not None else None
+        return HospitalClient(data, cfg, site=site, ledger=ledger, before_fit=hook).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secagg_when_configured])
 

@@ -56,7 +56,7 @@ class RunConfig:
     secagg_num_shares: float = 1.0
     secagg_threshold: float = 0.6
     secagg_timeout: float = 120.0
-    secagg_max_weight: float = 10000.0
+    secagg_max_weight: float = 1000.0
     secagg_clipping_range: float = 8.0
     # strategy
     strategy: StrategyKind = StrategyKind.FEDAVG

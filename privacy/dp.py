@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from clients.ingest import ImageSet
 from clients.train import TrainConfig
 from federation.errors import ConfigError, ModelError
-from privacy.ledger import StepSet
+from privacy.ledger import ALPHAS, StepSet
 
 __all__ = [
     "DPConfig",
@@ -98,11 +98,13 @@ def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float,
                      accountant: str = "rdp") -> float:
     """σ such that ``steps`` DP-SGD steps at ``sample_rate`` spend ``target_epsilon`` at ``delta``.
 
-    Opacus's binary search; the achieved ε is at most the target (tolerance 0.01).
+    Opacus's binary search; the achieved ε is at most the target (tolerance 0.01), with
+    the same Rényi orders as the ledger's :func:`~privacy.ledger.epsilon_of`.
     """
+    alphas = {"alphas": list(ALPHAS)} if accountant == "rdp" else {}
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                      epsilon_tolerance=0.01))
+                                      epsilon_tolerance=0.01, **alphas))
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def train_dp_round(
     gradients would be mixed across samples). The steps are counted here, not read back
     from Opacus's accountant, which merges equal step sets.
     """
+    model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ModelError(f"model cannot be trained with DP-SGD: {errors[0]}")
@@ -160,20 +163,23 @@ def train_dp_round(
     loss_fn = nn.CrossEntropyLoss()
     start, steps, total, count = time.perf_counter(), 0, 0.0, 0
     try:
-        dp_model.train()
-        for _ in range(train.epochs):
-            for x, y in dp_loader:
-                if train.augment and len(x):
-                    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                dp_opt.zero_grad(set_to_none=True)
-                if len(x):
-                    loss = loss_fn(dp_model(x), y)
-                    loss.backward()
-                    total += loss.item() * len(y)
-                    count += len(y)
-                dp_opt.step()
-                steps += 1
+        with warnings.catch_warnings():
+            # Opacus' per-sample hooks on the first layer trip torch's "no inputs require
+            # gradients" note: expected, images do not require gradients.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(train.epochs):
+                for x, y in dp_loader:
+                    if train.augment and len(x):
+                        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                    dp_opt.zero_grad(set_to_none=True)
+                    if len(x):
+                        loss = loss_fn(dp_model(x), y)
+                        loss.backward()
+                        total += loss.item() * len(y)
+                        count += len(y)
+                    dp_opt.step()
+                    steps += 1
     finally:
         dp_model._close()  # remove Opacus hooks so the module can be wrapped again
     model.eval()

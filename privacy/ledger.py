@@ -28,6 +28,10 @@ __all__ = ["LedgerEntry", "PrivacyLedger", "StepSet", "epsilon_of"]
 LEDGER_FORMAT = "privrad-privacy-ledger"
 LEDGER_VERSION = 1
 
+# Rényi orders: Opacus's defaults extended to 256, so that short, low-noise histories get a
+# tight bound (with the defaults Opacus warns that the optimum is the largest order).
+ALPHAS: tuple[float, ...] = (*(1 + x / 10.0 for x in range(1, 100)), *range(12, 64), 80, 96, 128, 192, 256)
+
 StepSet = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, steps)``: Opacus's accountant history entry."""
 
@@ -38,6 +42,8 @@ def epsilon_of(history: Iterable[StepSet], delta: float, *, accountant: str = "r
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     if not acc.history:
         return 0.0
+    if accountant == "rdp":
+        return float(acc.get_epsilon(delta=delta, alphas=list(ALPHAS)))
     return float(acc.get_epsilon(delta=delta))
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+import psutil
 
 from aggregator.server_app import make_server_app
 from clients.client_app import make_client_app
@@ -20,6 +23,39 @@ from simulations.centralised import site_folders
 __all__ = ["FederatedResult", "run_federated"]
 
 log = logging.getLogger(__name__)
+
+
+class TreeMemorySampler:
+    """Peak resident memory of this process and all its descendants (Ray's workers too), sampled."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> float:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self._sample())
+
+    def __enter__(self) -> TreeMemorySampler:
+        self.peak_mb = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -54,19 +90,19 @@ def run_federated(cfg: RunConfig, *, sites: int | None = None, cpus_per_client: 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     start = time.perf_counter()
-    run_simulation(
-        server_app=make_server_app(overrides),
-        client_app=make_client_app(overrides),
-        num_supernodes=n,
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False,
-                                      "log_to_driver": verbose}},
-        verbose_logging=verbose,
-    )
+    with TreeMemorySampler() as sampler:
+        run_simulation(
+            server_app=make_server_app(overrides),
+            client_app=make_client_app(overrides),
+            num_supernodes=n,
+            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False,
+                                          "log_to_driver": verbose}},
+            verbose_logging=verbose,
+        )
     seconds = time.perf_counter() - start
     metrics_file = out / "metrics.json"
     if not metrics_file.is_file():
         raise DataError(out, "the federated run wrote no metrics.json: the ServerApp failed (see the log)")
     metrics = json.loads(metrics_file.read_text())
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return FederatedResult(metrics=metrics, out=out, seconds=seconds, peak_rss_mb=peak / 1024)
+    return FederatedResult(metrics=metrics, out=out, seconds=seconds, peak_rss_mb=sampler.peak_mb)
