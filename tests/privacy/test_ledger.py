@@ -102,12 +102,12 @@ def test_a_ledger_of_another_site_or_delta_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(PrivacyBudgetError, match="ledger of site 'site-1', not 'site-2'"):
         PrivacyLedger(tmp_path / "l.json", site="site-2", budget=8, delta=DELTA)
-    with pytest.raises(PrivacyBudgetError, match="kept at delta=1e-05"):
+    with pytest.raises(PrivacyBudgetError, match=r"kept at delta=1e-05"):
         PrivacyLedger(tmp_path / "l.json", site="site-1", budget=8, delta=1e-6)
 
 
 def test_an_unreadable_ledger_stops_training(tmp_path: Path) -> None:
     (tmp_path / "l.json").write_text("{ torn")
 
-    with pytest.raises(PrivacyBudgetError, match="unreadable.*refusing to train"):
+    with pytest.raises(PrivacyBudgetError, match=r"unreadable.*refusing to train"):
         PrivacyLedger(tmp_path / "l.json", site="s", budget=8, delta=DELTA)
