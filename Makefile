@@ -31,7 +31,8 @@ demo: $(STAMP)
 	$(VENV)/bin/privrad phantoms --out $(DEMO)/data --sites 5 --per-site 300 --size 64 --seed 0
 	$(VENV)/bin/privrad train --data $(DEMO)/data --model ref --out $(DEMO)/ref
 	$(VENV)/bin/privrad train --data $(DEMO)/data --model approx --out $(DEMO)/approx
-	$(VENV)/bin/privrad evaluate --model $(DEMO)/approx/model.pt --data $(DEMO)/data/test
+	$(VENV)/bin/privrad simulate --data $(DEMO)/data --rounds 10 --delta 1e-5 --out $(DEMO)/federated
+	$(VENV)/bin/privrad evaluate --model $(DEMO)/federated/global_model.pt --data $(DEMO)/data/test
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -128,11 +128,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: Fit
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_flower(context.run_config, overrides)
-        if not cfg.data_dir and not cfg.test_dir:
-            raise ConfigError("`data-dir` or `test-dir` must be set: the server evaluates on a held-out set")
-        if not cfg.out_dir:
-            raise ConfigError("`out-dir` must be set: checkpoints and metrics are written there")
+        cfg = RunConfig.from_flower(context.run_config, overrides).resolved(context.run_id)
+        log.info("run %s: data %s, writing to %s", context.run_id, cfg.data_dir, cfg.out_dir)
         test = load_dataset(Path(cfg.test_dir or Path(cfg.data_dir) / "test"),
                             preprocess=Preprocess(size=cfg.image_size))
         recorder = RunRecorder(cfg, test, Path(cfg.out_dir))

@@ -165,7 +165,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *,
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)
-        cfg = RunConfig.from_flower(context.run_config, overrides)
+        cfg = RunConfig.from_flower(context.run_config, overrides).resolved(context.run_id)
         site = site_name(context)
         data = load_dataset(site_data_path(context, cfg), preprocess=Preprocess(size=cfg.image_size))
         ledger = None

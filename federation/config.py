@@ -106,6 +106,18 @@ class RunConfig:
                 values[name] = type(default)(value)
         return cls(**values)
 
+    def resolved(self, run_id: int | str = "local") -> RunConfig:
+        """Return a copy with an empty ``data-dir`` / ``out-dir`` set to the built-in defaults.
+
+        ``data-dir`` becomes the built-in synthetic federation (generated on first use);
+        ``out-dir`` becomes ``<cache>/runs/run-<run_id>``.
+        """
+        from simulations.builtin import builtin_federation, cache_root
+
+        data = self.data_dir or str(builtin_federation())
+        out = self.out_dir or str(cache_root() / "runs" / f"run-{run_id}")
+        return dataclasses.replace(self, data_dir=data, out_dir=out)
+
     def to_flower(self) -> dict[str, Any]:
         """Flat ``-`` separated form (Flower run-config values: bool, int, float, str)."""
         out: dict[str, Any] = {}

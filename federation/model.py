@@ -4,7 +4,7 @@ Both share one topology so the accuracy cost of each substitution is visible::
 
     stage k (k = 1..len(channels)):  conv3x3 → norm → act → pool/2
     optional residual unit after the last stage:  x + act(norm(conv3x3(x)))
-    head:  global average pool → linear
+    head:  flatten → linear   (or global average pool → linear)
 
 =============  ===========================  ==========================================
 part           Ref-CNN                      Approx-CNN
@@ -35,6 +35,7 @@ from federation.errors import ConfigError
 __all__ = [
     "CLASSES",
     "ArchConfig",
+    "HeadKind",
     "ModelKind",
     "NormKind",
     "PolyAct",
@@ -54,6 +55,13 @@ class ModelKind(enum.StrEnum):
 
     REF = "ref"
     APPROX = "approx"
+
+
+class HeadKind(enum.StrEnum):
+    """How the last feature map reaches the linear classifier."""
+
+    FLATTEN = "flatten"
+    GAP = "gap"
 
 
 class NormKind(enum.StrEnum):
@@ -89,6 +97,11 @@ class ArchConfig:
         exactly under HE, so only CKKS headroom bounds their range (checked at export).
     norm
         Normalisation of the Approx-CNN's convolutions.
+    head
+        ``flatten`` (default): the whole last feature map feeds the linear layer, so the
+        classifier knows *where* a finding is; ``gap``: global average pool first.
+        Measured on the phantom task, Approx-CNN after 6 epochs: macro-AUC 0.93
+        (flatten) vs 0.59 (gap, which sits on a long plateau without BatchNorm).
     learnable_act
         Learn the activation coefficients per channel, initialised to the ReLU fit
         (measured on the phantom task: macro-AUC 0.950 learnable vs 0.924 fixed, 30 epochs).
@@ -103,10 +116,12 @@ class ArchConfig:
     act_bound: float = 0.5
     norm: NormKind = NormKind.WS
     learnable_act: bool = True
+    head: HeadKind = HeadKind.FLATTEN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ModelKind(self.kind))
         object.__setattr__(self, "norm", NormKind(self.norm))
+        object.__setattr__(self, "head", HeadKind(self.head))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if not self.channels or any(c < 1 for c in self.channels):
             raise ConfigError(f"`channels` must be positive integers, got {self.channels}")
@@ -126,7 +141,8 @@ class ArchConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-types form, for checkpoints and JSON."""
         d = dataclasses.asdict(self)
-        d["kind"], d["norm"], d["channels"] = str(self.kind), str(self.norm), list(self.channels)
+        d["kind"], d["norm"], d["head"] = str(self.kind), str(self.norm), str(self.head)
+        d["channels"] = list(self.channels)
         return d
 
     @classmethod
@@ -249,9 +265,11 @@ class PrivradCNN(nn.Module):
         if cfg.residual:
             stages.append(Residual(nn.Sequential(*_conv_unit(cin, cin, cfg))))
         self.features = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        side = cfg.input_size // 2 ** len(cfg.channels)
+        gap = cfg.head is HeadKind.GAP
+        self.pool: nn.Module = nn.AdaptiveAvgPool2d(1) if gap else nn.Identity()
         self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(cin, cfg.num_classes)
+        self.classifier = nn.Linear(cin if gap else cin * side * side, cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of ``(N, 1, H, W)`` images in ``[0, 1]``."""

@@ -19,7 +19,7 @@ from federation.model import (
 )
 
 # Module types whose inference computation is a polynomial in the input (HE-evaluable).
-POLYNOMIAL_MODULES = (WSConv2d, nn.Conv2d, PolyAct, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+POLYNOMIAL_MODULES = (WSConv2d, nn.Conv2d, PolyAct, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
                       nn.Linear, nn.Sequential, Residual)
 POLY_TOL = 1e-5
 
