@@ -4,7 +4,7 @@ Both share one topology so the accuracy cost of each substitution is visible::
 
     stage k (k = 1..len(channels)):  conv3x3 → norm → act → pool/2
     optional residual unit after the last stage:  x + act(norm(conv3x3(x)))
-    head:  flatten → linear   (or global average pool → linear)
+    head:  global average pool → linear   (or flatten → linear)
 
 =============  ===========================  ==========================================
 part           Ref-CNN                      Approx-CNN
@@ -98,10 +98,12 @@ class ArchConfig:
     norm
         Normalisation of the Approx-CNN's convolutions.
     head
-        ``flatten`` (default): the whole last feature map feeds the linear layer, so the
-        classifier knows *where* a finding is; ``gap``: global average pool first.
-        Measured on the phantom task, Approx-CNN after 6 epochs: macro-AUC 0.93
-        (flatten) vs 0.59 (gap, which sits on a long plateau without BatchNorm).
+        ``gap`` (default): global average pool, then the linear layer; ``flatten``: the
+        whole last feature map feeds the linear layer, so the classifier knows *where* a
+        finding is. Measured on the default phantom task, Approx-CNN: after 6 epochs
+        macro-AUC 0.93 (flatten) vs 0.59 (gap sits on a long plateau without BatchNorm);
+        after 30 epochs both Ref and Approx saturate with flatten (0.999 / 0.988), while
+        gap gives 0.966 / 0.950. Federated training wants flatten's fast start.
     learnable_act
         Learn the activation coefficients per channel, initialised to the ReLU fit
         (measured on the phantom task: macro-AUC 0.950 learnable vs 0.924 fixed, 30 epochs).
@@ -116,7 +118,7 @@ class ArchConfig:
     act_bound: float = 0.5
     norm: NormKind = NormKind.WS
     learnable_act: bool = True
-    head: HeadKind = HeadKind.FLATTEN
+    head: HeadKind = HeadKind.GAP
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ModelKind(self.kind))

@@ -9,6 +9,7 @@ from torch import nn
 from federation.errors import ConfigError
 from federation.model import (
     ArchConfig,
+    HeadKind,
     ModelKind,
     NormKind,
     PolyAct,
@@ -24,10 +25,11 @@ POLYNOMIAL_MODULES = (WSConv2d, nn.Conv2d, PolyAct, nn.AvgPool2d, nn.AdaptiveAvg
 POLY_TOL = 1e-5
 
 
+@pytest.mark.parametrize("head", list(HeadKind))
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("norm", list(NormKind))
-def test_approx_cnn_contains_only_polynomial_modules(residual: bool, norm: NormKind) -> None:
-    model = build_model(ArchConfig(kind=ModelKind.APPROX, residual=residual, norm=norm))
+def test_approx_cnn_contains_only_polynomial_modules(residual: bool, norm: NormKind, head: HeadKind) -> None:
+    model = build_model(ArchConfig(kind=ModelKind.APPROX, residual=residual, norm=norm, head=head))
 
     offenders = [f"{name}: {type(m).__name__}" for name, m in model.named_modules()
                  if name and not isinstance(m, POLYNOMIAL_MODULES)]
@@ -41,10 +43,11 @@ def test_ref_cnn_has_relu_batchnorm_and_max_pool() -> None:
     assert {nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d} <= kinds
 
 
+@pytest.mark.parametrize("head", list(HeadKind))
 @pytest.mark.parametrize("size", [64, 256])
 @pytest.mark.parametrize("kind", list(ModelKind))
-def test_both_models_give_one_logit_per_class(size: int, kind: ModelKind) -> None:
-    model = build_model(ArchConfig(kind=kind, input_size=size)).eval()
+def test_both_models_give_one_logit_per_class(size: int, kind: ModelKind, head: HeadKind) -> None:
+    model = build_model(ArchConfig(kind=kind, input_size=size, head=head)).eval()
 
     assert model(torch.rand(2, 1, size, size)).shape == (2, 3)
 
