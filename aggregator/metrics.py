@@ -21,7 +21,7 @@ from clients.ingest import ImageSet, Preprocess
 from clients.train import predict_proba
 from federation.config import RunConfig
 from federation.metrics import classification_metrics
-from federation.model import ArchConfig, build_model
+from federation.model import build_model
 from federation.storage import atomic_write_json, save_checkpoint
 
 __all__ = ["RunRecorder"]
@@ -45,7 +45,7 @@ class RunRecorder:
 
     def __init__(self, cfg: RunConfig, test: ImageSet, out: Path) -> None:
         self.cfg, self.test, self.out = cfg, test, Path(out)
-        self.arch = ArchConfig(input_size=cfg.image_size)
+        self.arch = cfg.arch()
         self.rounds: list[dict[str, Any]] = []
         self.sites: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, Any] = {}

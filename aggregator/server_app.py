@@ -40,7 +40,7 @@ from clients.client_app import get_weights
 from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig, StrategyKind
 from federation.errors import ConfigError
-from federation.model import ArchConfig, build_model
+from federation.model import build_model
 
 __all__ = ["app", "build_strategy", "make_server_app", "secagg_workflow"]
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
     """The legacy strategy of the run, wired to the recorder's evaluation and metrics hooks."""
-    initial = ndarrays_to_parameters(get_weights(build_model(ArchConfig(input_size=cfg.image_size), seed=cfg.seed)))
+    initial = ndarrays_to_parameters(get_weights(build_model(cfg.arch(), seed=cfg.seed)))
     common: dict[str, Any] = {
         "fraction_fit": cfg.fraction_fit,
         "fraction_evaluate": 0.0,

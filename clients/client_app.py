@@ -33,7 +33,7 @@ from clients.ingest import ImageSet, Preprocess, load_dataset
 from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import ConfigError, PrivacyBudgetError
-from federation.model import ArchConfig, PrivradCNN, build_model
+from federation.model import PrivradCNN, build_model
 from privacy.dp import DPConfig, default_delta, noise_for_target, planned_step_set, train_dp_round
 from privacy.ledger import PrivacyLedger
 
@@ -94,12 +94,13 @@ class HospitalClient(NumPyClient):
                  before_fit: Callable[[], None] | None = None) -> None:
         self.data, self.cfg, self.site, self.ledger = data, cfg, site, ledger
         self.before_fit = before_fit
-        self.arch = ArchConfig(input_size=cfg.image_size)
+        self.arch = cfg.arch()
         self.model = build_model(self.arch)
 
     def train_config(self, server_round: int) -> TrainConfig:
         """Local optimiser settings; the seed differs per round and site."""
         return TrainConfig(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.learning_rate,
+                           optimizer=self.cfg.optimizer, schedule="constant",
                            seed=zlib.crc32(f"{self.cfg.seed}/{self.site}/{server_round}".encode()))
 
     def noise_multiplier(self) -> float:

@@ -19,7 +19,7 @@ from federation.errors import ConfigError
 from federation.metrics import classification_metrics
 from federation.model import ModelKind
 
-__all__ = ["EpochStats", "TrainConfig", "default_lr", "evaluate", "predict_proba", "train_epochs"]
+__all__ = ["EpochStats", "TrainConfig", "default_lr", "evaluate", "make_optimizer", "predict_proba", "train_epochs"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ class TrainConfig:
         Random left-right flips (anatomy is close to symmetric).
     seed
         Seed of the shuffling and augmentation.
+    optimizer
+        ``adamw`` or ``sgd`` (with ``momentum``); DP-SGD usually prefers ``sgd``.
+    momentum
+        SGD momentum.
+    schedule
+        ``cosine`` (decay to zero over the run) or ``constant`` (federated rounds).
     """
 
     epochs: int = 20
@@ -50,6 +56,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     augment: bool = True
     seed: int = 0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -58,6 +67,10 @@ class TrainConfig:
             raise ConfigError(f"`batch_size` must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"`lr` must be positive, got {self.lr}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"`optimizer` must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"`schedule` must be 'cosine' or 'constant', got {self.schedule!r}")
 
 
 def default_lr(kind: ModelKind) -> float:
@@ -72,6 +85,23 @@ class EpochStats:
     epoch: int
     loss: float
     seconds: float
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser and learning-rate schedule ``config`` asks for."""
+    opt: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if config.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    return opt, sched
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -93,8 +123,7 @@ def train_epochs(
     gen = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=config.batch_size,
                         shuffle=True, generator=gen)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * len(loader))
+    opt, sched = make_optimizer(model, config, config.epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss()
     history = []
     for epoch in range(1, config.epochs + 1):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from federation.errors import ConfigError
+from federation.model import ArchConfig, HeadKind
 
 __all__ = ["RunConfig", "StrategyKind"]
 
@@ -39,7 +40,9 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 3e-3
+    optimizer: str = "adamw"
     image_size: int = 64
+    head: str = "gap"
     data_dir: str = ""
     test_dir: str = ""
     out_dir: str = ""
@@ -105,6 +108,10 @@ class RunConfig:
             else:
                 values[name] = type(default)(value)
         return cls(**values)
+
+    def arch(self) -> ArchConfig:
+        """The Approx-CNN architecture every party builds."""
+        return ArchConfig(input_size=self.image_size, head=HeadKind(self.head))
 
     def resolved(self, run_id: int | str = "local") -> RunConfig:
         """Return a copy with an empty ``data-dir`` / ``out-dir`` set to the built-in defaults.

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.ingest import ImageSet
-from clients.train import TrainConfig
+from clients.train import TrainConfig, make_optimizer
 from federation.errors import ConfigError, ModelError
 from privacy.ledger import ALPHAS, StepSet
 
@@ -151,7 +151,7 @@ def train_dp_round(
         raise ModelError(f"model cannot be trained with DP-SGD: {errors[0]}")
     gen = torch.Generator().manual_seed(train.seed)
     loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=train.batch_size, generator=gen)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer, sched = make_optimizer(model, train, train.epochs * steps_per_epoch(len(data), train.batch_size))
     with warnings.catch_warnings():
         # Opacus warns that secure_mode=False uses torch's PRNG; a simulation accepts that.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
@@ -179,6 +179,7 @@ def train_dp_round(
                         total += loss.item() * len(y)
                         count += len(y)
                     dp_opt.step()
+                    sched.step()
                     steps += 1
     finally:
         dp_model._close()  # remove Opacus hooks so the module can be wrapped again

@@ -14,7 +14,7 @@ from clients.ingest import Preprocess, load_dataset
 from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import DataError
-from federation.model import ArchConfig, build_model
+from federation.model import build_model
 from federation.storage import atomic_write_json, save_checkpoint
 from privacy.dp import DPConfig, default_delta, noise_for_target, planned_step_set, train_dp_round
 from privacy.ledger import PrivacyLedger
@@ -42,7 +42,7 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
     start = time.perf_counter()
     for folder in sites:
         site_data = load_dataset(folder, preprocess=pre)
-        model = build_model(ArchConfig(input_size=cfg.image_size), seed=cfg.seed)
+        model = build_model(cfg.arch(), seed=cfg.seed)
         entry: dict[str, Any] = {"train_images": len(site_data)}
         if cfg.dp:
             ledger = PrivacyLedger(out / "ledger" / f"{folder.name}.json", site=folder.name,
