@@ -117,6 +117,9 @@ def simulate(
     max_grad_norm: Annotated[float, typer.Option(help="Per-sample clipping bound C.")] = 1.0,
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
     strategy: Annotated[str, typer.Option(help="fedavg or fedadam.")] = "fedavg",
+    head: Annotated[str, typer.Option(help="Approx-CNN head: gap or flatten.")] = "gap",
+    optimizer: Annotated[str, typer.Option(help="Local optimiser: adamw or sgd.")] = "adamw",
+    lr: Annotated[float, typer.Option(help="Local learning rate.")] = 3e-3,
     secagg_timeout: Annotated[float, typer.Option(help="Seconds SecAgg+ waits for a stage.")] = 120.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial model and local shuffling.")] = 0,
 ) -> None:
@@ -126,7 +129,8 @@ def simulate(
     cfg = _run_config(data, out, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp, secagg=secagg,
                       epsilon_budget=epsilon_budget, target_epsilon=target_epsilon,
                       noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
-                      image_size=size, strategy=strategy, secagg_timeout=secagg_timeout, seed=seed)
+                      image_size=size, strategy=strategy, secagg_timeout=secagg_timeout, seed=seed, head=head,
+                      optimizer=optimizer, learning_rate=lr)
     console.print(f"simulating {sites or 'all'} sites x {rounds} rounds (DP {'on' if dp else 'off'}, "
                   f"SecAgg+ {'on' if secagg else 'off'}) …")
     result = run_federated(cfg, sites=sites)

@@ -13,7 +13,7 @@ from flwr.server import ServerApp
 
 from clients.client_app import HospitalClient, get_weights, set_weights, site_data_path
 from clients.ingest import Preprocess, load_dataset
-from clients.train import TrainConfig
+from federation.config import RunConfig
 from federation.model import ArchConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +41,15 @@ def test_partition_id_selects_the_site_folder(tmp_path: Path) -> None:
 def test_a_hospital_client_trains_from_the_sent_weights(tiny_federation: Path) -> None:
     arch = ArchConfig(input_size=32)
     data = load_dataset(tiny_federation / "site-1", preprocess=Preprocess(size=32))
-    client = HospitalClient(data, arch, TrainConfig(epochs=1))
+    client = HospitalClient(data, RunConfig(image_size=32, dp=False, local_epochs=1), site="site-1", ledger=None)
     start = get_weights(build_model(arch, seed=0))
 
-    weights, n, metrics = client.fit(start, {})
+    weights, n, metrics = client.fit(start, {"server-round": 1})
 
     assert n == len(data)
     assert np.isfinite(metrics["loss"])
+    assert metrics["site"] == "site-1"
+    assert metrics["refused"] == 0
     assert len(weights) == len(start)
     assert any(not np.array_equal(a, b) for a, b in zip(weights, start, strict=True))
     model = build_model(arch)
