@@ -34,7 +34,7 @@ from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import ConfigError, PrivacyBudgetError
 from federation.model import PrivradCNN, build_model
-from privacy.dp import DPConfig, default_delta, noise_for_target, planned_step_set, train_dp_round
+from privacy.dp import default_delta, private_round
 from privacy.ledger import PrivacyLedger
 
 __all__ = ["HospitalClient", "app", "get_weights", "make_client_app", "set_weights", "site_data_path"]
@@ -103,16 +103,6 @@ class HospitalClient(NumPyClient):
                            optimizer=self.cfg.optimizer, schedule="constant",
                            seed=zlib.crc32(f"{self.cfg.seed}/{self.site}/{server_round}".encode()))
 
-    def noise_multiplier(self) -> float:
-        """σ: configured, or derived so that all planned rounds reach the target ε."""
-        if self.cfg.noise_multiplier > 0:
-            return self.cfg.noise_multiplier
-        assert self.ledger is not None
-        _, q, steps = planned_step_set(len(self.data), train=self.train_config(1), noise_multiplier=1.0)
-        target = self.cfg.target_epsilon or self.cfg.epsilon_budget
-        return noise_for_target(target, delta=self.ledger.delta, sample_rate=q,
-                                steps=steps * self.cfg.num_server_rounds)
-
     def fit(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
         """Train from the global weights; with DP, check and record the privacy spend."""
         if self.before_fit is not None:
@@ -124,21 +114,16 @@ class HospitalClient(NumPyClient):
         if self.ledger is None:
             loss = train_epochs(self.model, self.data, config=train)[-1].loss
         else:
-            sigma = self.noise_multiplier()
-            planned = planned_step_set(len(self.data), train=train, noise_multiplier=sigma)
             try:
-                self.ledger.check([planned])
+                result, eps = private_round(self.model, self.data, train=train, dp=self.cfg.dp_config(),
+                                            ledger=self.ledger, round_=server_round,
+                                            planned_rounds=self.cfg.num_server_rounds)
             except PrivacyBudgetError as exc:
                 log.warning("%s", exc)
                 return parameters, 0, {**metrics, "refused": 1, "reason": str(exc),
                                        "epsilon": self.ledger.epsilon(), "delta": self.ledger.delta}
-            dp = DPConfig(max_grad_norm=self.cfg.max_grad_norm, epsilon_budget=self.cfg.epsilon_budget)
-            result = train_dp_round(self.model, self.data, train=train, dp=dp, noise_multiplier=sigma)
-            if result.step_set != planned:
-                raise PrivacyBudgetError(f"site {self.site}: ran {result.step_set}, planned {planned}")
-            eps = self.ledger.record(server_round, [result.step_set])
             loss = result.loss
-            metrics.update(epsilon=eps, delta=self.ledger.delta, noise_multiplier=sigma)
+            metrics.update(epsilon=eps, delta=self.ledger.delta, noise_multiplier=result.step_set[0])
         metrics["loss"] = float(loss)
         return get_weights(self.model), len(self.data), metrics
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from federation.errors import ConfigError
 from federation.model import ArchConfig, HeadKind
+from privacy.dp import DPConfig
 
 __all__ = ["RunConfig", "StrategyKind"]
 
@@ -108,6 +109,12 @@ class RunConfig:
             else:
                 values[name] = type(default)(value)
         return cls(**values)
+
+    def dp_config(self) -> DPConfig:
+        """The sites' DP settings (0 in the run config means "derive")."""
+        return DPConfig(max_grad_norm=self.max_grad_norm, noise_multiplier=self.noise_multiplier or None,
+                        target_epsilon=self.target_epsilon or None, epsilon_budget=self.epsilon_budget,
+                        delta=self.delta or None)
 
     def arch(self) -> ArchConfig:
         """The Approx-CNN architecture every party builds."""

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from clients.ingest import ImageSet
 from clients.train import TrainConfig, make_optimizer
-from federation.errors import ConfigError, ModelError
-from privacy.ledger import ALPHAS, StepSet
+from federation.errors import ConfigError, ModelError, PrivacyBudgetError
+from privacy.ledger import ALPHAS, PrivacyLedger, StepSet
 
 __all__ = [
     "DPConfig",
@@ -31,6 +31,7 @@ __all__ = [
     "default_delta",
     "noise_for_target",
     "planned_step_set",
+    "private_round",
     "sample_rate",
     "steps_per_epoch",
     "train_dp_round",
@@ -186,3 +187,39 @@ def train_dp_round(
     model.eval()
     return DPRoundResult(loss=total / max(count, 1), step_set=(noise_multiplier, q, steps),
                          seconds=time.perf_counter() - start)
+
+
+def private_round(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    train: TrainConfig,
+    dp: DPConfig,
+    ledger: PrivacyLedger,
+    round_: int,
+    planned_rounds: int,
+) -> tuple[DPRoundResult, float]:
+    """One DP-SGD round under a site's ledger: plan σ, check the budget, train, record.
+
+    σ is ``dp.noise_multiplier``, or the σ at which ``planned_rounds`` rounds like this one
+    spend ``dp.target_epsilon`` (default: the budget). Returns the round and the site's
+    cumulative ε after it.
+
+    Raises
+    ------
+    PrivacyBudgetError
+        The round would take the site over its budget; nothing was trained or recorded.
+    """
+    n = len(data)
+    sigma = dp.noise_multiplier
+    if sigma is None:
+        _, q, steps = planned_step_set(n, train=train, noise_multiplier=1.0)
+        sigma = noise_for_target(dp.target_epsilon or dp.epsilon_budget, delta=ledger.delta, sample_rate=q,
+                                 steps=steps * planned_rounds, accountant=dp.accountant)
+    planned = planned_step_set(n, train=train, noise_multiplier=sigma)
+    ledger.check([planned])
+    result = train_dp_round(model, data, train=train, dp=dp, noise_multiplier=sigma)
+    if result.step_set != planned:  # never record less than was spent
+        ledger.record(round_, [result.step_set])
+        raise PrivacyBudgetError(f"site {ledger.site}: ran {result.step_set}, planned {planned}")
+    return result, ledger.record(round_, [result.step_set])

@@ -16,7 +16,7 @@ from federation.config import RunConfig
 from federation.errors import DataError
 from federation.model import build_model
 from federation.storage import atomic_write_json, save_checkpoint
-from privacy.dp import DPConfig, default_delta, noise_for_target, planned_step_set, train_dp_round
+from privacy.dp import default_delta, private_round
 from privacy.ledger import PrivacyLedger
 from simulations.centralised import site_folders
 
@@ -47,14 +47,9 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
         if cfg.dp:
             ledger = PrivacyLedger(out / "ledger" / f"{folder.name}.json", site=folder.name,
                                    budget=cfg.epsilon_budget, delta=default_delta(len(site_data), cfg.delta or None))
-            _, q, steps = planned_step_set(len(site_data), train=train, noise_multiplier=1.0)
-            sigma = cfg.noise_multiplier or noise_for_target(cfg.target_epsilon or cfg.epsilon_budget,
-                                                             delta=ledger.delta, sample_rate=q, steps=steps)
-            ledger.check([planned_step_set(len(site_data), train=train, noise_multiplier=sigma)])
-            result = train_dp_round(model, site_data, train=train,
-                                    dp=DPConfig(max_grad_norm=cfg.max_grad_norm, epsilon_budget=cfg.epsilon_budget),
-                                    noise_multiplier=sigma)
-            entry.update(epsilon=ledger.record(1, [result.step_set]), delta=ledger.delta, noise_multiplier=sigma)
+            result, eps = private_round(model, site_data, train=train, dp=cfg.dp_config(), ledger=ledger,
+                                        round_=1, planned_rounds=1)
+            entry.update(epsilon=eps, delta=ledger.delta, noise_multiplier=result.step_set[0])
         else:
             train_epochs(model, site_data, config=train)
         metrics = evaluate(model, test)

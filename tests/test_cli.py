@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from federation.cli import app
 
-VERBS = ("phantoms", "train", "evaluate", "scan")
+VERBS = ("phantoms", "train", "evaluate", "scan", "simulate", "local")
 
 
 @pytest.fixture(scope="module")
