@@ -246,7 +246,10 @@ def _print_metrics(metrics: dict[str, object], *, title: str) -> None:
 
 def main() -> None:
     """Entry point: run the CLI, turning privrad's own errors into a one-line message."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)  # libraries such as Flower log DEBUG records that propagate here
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         app()
     except PrivradError as exc:
