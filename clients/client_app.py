@@ -34,7 +34,7 @@ from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import ConfigError, PrivacyBudgetError
 from federation.model import PrivradCNN, build_model
-from privacy.dp import default_delta, private_round
+from privacy.dp import private_round, site_ledger
 from privacy.ledger import PrivacyLedger
 
 __all__ = ["HospitalClient", "app", "get_weights", "make_client_app", "set_weights", "site_data_path"]
@@ -156,8 +156,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *,
         data = load_dataset(site_data_path(context, cfg), preprocess=Preprocess(size=cfg.image_size))
         ledger = None
         if cfg.dp:
-            ledger = PrivacyLedger(ledger_path(context, cfg), site=site, budget=cfg.epsilon_budget,
-                                   delta=default_delta(len(data), cfg.delta or None))
+            ledger = site_ledger(ledger_path(context, cfg), site=site, n=len(data), dp=cfg.dp_config())
         hook = (lambda: before_fit(context)) if before_fit is not None else None
         return HospitalClient(data, cfg, site=site, ledger=ledger, before_fit=hook).to_client()
 

@@ -12,6 +12,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
@@ -33,6 +34,7 @@ __all__ = [
     "planned_step_set",
     "private_round",
     "sample_rate",
+    "site_ledger",
     "steps_per_epoch",
     "train_dp_round",
 ]
@@ -93,6 +95,12 @@ def default_delta(n: int, configured: float | None = None) -> float:
     if n < 1:
         raise ConfigError(f"a site needs at least one record to set delta, got n={n}")
     return 1.0 / (10.0 * n)
+
+
+def site_ledger(path: Path, *, site: str, n: int, dp: DPConfig) -> PrivacyLedger:
+    """The privacy ledger of a site with ``n`` records, kept at ``dp``'s budget, δ and accountant."""
+    return PrivacyLedger(path, site=site, budget=dp.epsilon_budget, delta=default_delta(n, dp.delta),
+                         accountant=dp.accountant)
 
 
 def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float, steps: int,

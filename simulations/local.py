@@ -16,8 +16,7 @@ from federation.config import RunConfig
 from federation.errors import DataError
 from federation.model import build_model
 from federation.storage import atomic_write_json, save_checkpoint
-from privacy.dp import default_delta, private_round
-from privacy.ledger import PrivacyLedger
+from privacy.dp import private_round, site_ledger
 from simulations.centralised import site_folders
 
 __all__ = ["run_local"]
@@ -45,10 +44,10 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
         model = build_model(cfg.arch(), seed=cfg.seed)
         entry: dict[str, Any] = {"train_images": len(site_data)}
         if cfg.dp:
-            ledger = PrivacyLedger(out / "ledger" / f"{folder.name}.json", site=folder.name,
-                                   budget=cfg.epsilon_budget, delta=default_delta(len(site_data), cfg.delta or None))
-            result, eps = private_round(model, site_data, train=train, dp=cfg.dp_config(), ledger=ledger,
-                                        round_=1, planned_rounds=1)
+            dp = cfg.dp_config()
+            ledger = site_ledger(out / "ledger" / f"{folder.name}.json", site=folder.name, n=len(site_data), dp=dp)
+            result, eps = private_round(model, site_data, train=train, dp=dp, ledger=ledger, round_=1,
+                                        planned_rounds=1)
             entry.update(epsilon=eps, delta=ledger.delta, noise_multiplier=result.step_set[0])
         else:
             train_epochs(model, site_data, config=train)
