@@ -41,10 +41,13 @@ class RunRecorder:
     out
         Run folder: ``metrics.json``, ``global_model.pt``, ``checkpoints/round-NNN.pt``,
         ``training.png``.
+    initial
+        Provenance of the initial global model; its round-0 evaluation is added here.
     """
 
-    def __init__(self, cfg: RunConfig, test: ImageSet, out: Path) -> None:
+    def __init__(self, cfg: RunConfig, test: ImageSet, out: Path, *, initial: dict[str, Any] | None = None) -> None:
         self.cfg, self.test, self.out = cfg, test, Path(out)
+        self.initial: dict[str, Any] = dict(initial or {})
         self.arch = cfg.arch()
         self.rounds: list[dict[str, Any]] = []
         self.sites: dict[str, dict[str, Any]] = {}
@@ -86,7 +89,10 @@ class RunRecorder:
         labels = self.test.labels.numpy()
         loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
         metrics = classification_metrics(probs, labels, self.test.classes)
-        if server_round > 0:
+        if server_round == 0:
+            self.initial.update(auc_macro=metrics["auc_macro"], auc_per_class=metrics["auc_per_class"], loss=loss)
+            log.info("round 0 (initial model, %s): AUC %.3f", self.initial.get("source"), metrics["auc_macro"])
+        else:
             aggregated = {"aggregated": True, **self._pending} if self._pending else {
                 "aggregated": False, "sites_contributed": 0, "sites_refused": 0}
             row = {"round": server_round, "auc_macro": metrics["auc_macro"], "loss": loss,
@@ -126,7 +132,8 @@ class RunRecorder:
                 "secagg": self.cfg.secagg, "dp": self.cfg.dp,
                 "rounds_completed": len(self.rounds),
             }
-        return {"rounds": self.rounds, "final": final, "sites": self.sites, "config": self.cfg.to_flower(),
+        return {"initial": self.initial, "rounds": self.rounds, "final": final, "sites": self.sites,
+                "config": self.cfg.to_flower(),
                 "seconds": time.perf_counter() - self._start}
 
     def write(self) -> None:
@@ -137,15 +144,17 @@ class RunRecorder:
             save_checkpoint(self.out / "global_model.pt", self.final["model"],
                             meta=self._meta(self.final["metrics"], len(self.rounds)))
         if self.rounds:
-            plot_rounds(self.rounds, self.out / "training.png", title=self._title())
+            plot_rounds(self.rounds, self.out / "training.png", title=self._title(),
+                        initial_auc=self.initial.get("auc_macro"))
 
     def _title(self) -> str:
         parts = ["DP-SGD" if self.cfg.dp else "no DP", "SecAgg+" if self.cfg.secagg else "no SecAgg"]
         return f"federated {self.cfg.strategy} ({', '.join(parts)})"
 
 
-def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str) -> None:
-    """AUC and ε per round, two axes, saved atomically as PNG."""
+def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str,
+                initial_auc: float | None = None) -> None:
+    """AUC and ε per round (round 0: the initial model), two axes, saved atomically as PNG."""
     import io
 
     import matplotlib
@@ -156,8 +165,12 @@ def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str) -> 
     from federation.storage import atomic_write_bytes
 
     r = [row["round"] for row in rounds]
+    auc = [row["auc_macro"] for row in rounds]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    ax.plot(r, [row["auc_macro"] for row in rounds], "o-", color="tab:blue", label="test macro-AUC")
+    if initial_auc is not None:
+        ax.plot(0, initial_auc, "D", color="tab:gray", label="initial model")
+        ax.plot([0, r[0]], [initial_auc, auc[0]], ":", color="tab:blue")
+    ax.plot(r, auc, "o-", color="tab:blue", label="test macro-AUC")
     ax.set_xlabel("round")
     ax.set_ylabel("macro-AUC", color="tab:blue")
     ax.set_ylim(0.4, 1.0)

@@ -5,7 +5,9 @@ in a ``LegacyContext`` run by ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
 The workflow unmasks only the *sum* of the clients' weighted vectors; every ``FitRes``
 the strategy then sees carries that same aggregate, never an individual update.
 
-Each round the global model is evaluated centrally on the held-out set and checkpointed;
+The initial global model comes from :mod:`aggregator.initial` (public-data pretraining
+by default when the data folder has a ``public/`` archive). Each round, and once before
+the first, the global model is evaluated centrally on the held-out set and checkpointed;
 ``metrics.json``, ``global_model.pt`` and ``training.png`` are rewritten atomically.
 """
 
@@ -31,10 +33,11 @@ from flwr.common import (
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, Strategy
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from aggregator.initial import initial_model
 from aggregator.metrics import RunRecorder
 from clients.client_app import get_weights
 from clients.ingest import Preprocess, load_dataset
@@ -47,9 +50,14 @@ __all__ = ["app", "build_strategy", "make_server_app", "secagg_workflow"]
 log = logging.getLogger(__name__)
 
 
-def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
-    """The legacy strategy of the run, wired to the recorder's evaluation and metrics hooks."""
-    initial = ndarrays_to_parameters(get_weights(build_model(cfg.arch(), seed=cfg.seed)))
+def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial_weights: NDArrays | None = None) -> Strategy:
+    """The legacy strategy of the run, wired to the recorder's evaluation and metrics hooks.
+
+    ``initial_weights`` default to the seeded random model.
+    """
+    if initial_weights is None:
+        initial_weights = get_weights(build_model(cfg.arch(), seed=cfg.seed))
+    initial = ndarrays_to_parameters(initial_weights)
     common: dict[str, Any] = {
         "fraction_fit": cfg.fraction_fit,
         "fraction_evaluate": 0.0,
@@ -64,8 +72,9 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
         return FedAvg(**common)
     if cfg.strategy is StrategyKind.FEDADAM:
         return FedAdam(**common, eta=cfg.server_learning_rate)
-    raise ConfigError(f"`strategy` {cfg.strategy!r} is not available on the SecAgg+ path yet; "
-                      f"use one of {[StrategyKind.FEDAVG.value, StrategyKind.FEDADAM.value]}")
+    if cfg.strategy is StrategyKind.FEDPROX:  # the clients add the proximal term (clients.train)
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    raise ConfigError(f"`strategy` {cfg.strategy!r} is not supported")
 
 
 FitObserver = Callable[[int, list[tuple[NDArrays, int]]], None]
@@ -132,8 +141,9 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: Fit
         log.info("run %s: data %s, writing to %s", context.run_id, cfg.data_dir, cfg.out_dir)
         test = load_dataset(Path(cfg.test_dir or Path(cfg.data_dir) / "test"),
                             preprocess=Preprocess(size=cfg.image_size))
-        recorder = RunRecorder(cfg, test, Path(cfg.out_dir))
-        strategy = build_strategy(cfg, recorder)
+        init = initial_model(cfg)
+        recorder = RunRecorder(cfg, test, Path(cfg.out_dir), initial={"source": str(init.kind), **init.info})
+        strategy = build_strategy(cfg, recorder, get_weights(init.model))
         if observer is not None:
             strategy = ObservedStrategy(strategy, observer)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds),

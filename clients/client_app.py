@@ -31,7 +31,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from clients.ingest import ImageSet, Preprocess, load_dataset
 from clients.train import TrainConfig, evaluate, train_epochs
-from federation.config import RunConfig
+from federation.config import RunConfig, StrategyKind
 from federation.errors import ConfigError, PrivacyBudgetError
 from federation.model import PrivradCNN, build_model
 from privacy.dp import private_round, site_ledger
@@ -111,13 +111,14 @@ class HospitalClient(NumPyClient):
         set_weights(self.model, parameters)
         train = self.train_config(server_round)
         metrics: dict[str, Any] = {"site": self.site, "refused": 0}
+        mu = self.cfg.proximal_mu if self.cfg.strategy is StrategyKind.FEDPROX else 0.0
         if self.ledger is None:
-            loss = train_epochs(self.model, self.data, config=train)[-1].loss
+            loss = train_epochs(self.model, self.data, config=train, proximal_mu=mu)[-1].loss
         else:
             try:
                 result, eps = private_round(self.model, self.data, train=train, dp=self.cfg.dp_config(),
                                             ledger=self.ledger, round_=server_round,
-                                            planned_rounds=self.cfg.num_server_rounds)
+                                            planned_rounds=self.cfg.num_server_rounds, proximal_mu=mu)
             except PrivacyBudgetError as exc:
                 log.warning("%s", exc)
                 return parameters, 0, {**metrics, "refused": 1, "reason": str(exc),

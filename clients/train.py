@@ -19,7 +19,16 @@ from federation.errors import ConfigError
 from federation.metrics import classification_metrics
 from federation.model import ModelKind
 
-__all__ = ["EpochStats", "TrainConfig", "default_lr", "evaluate", "make_optimizer", "predict_proba", "train_epochs"]
+__all__ = [
+    "EpochStats",
+    "ProximalTerm",
+    "TrainConfig",
+    "default_lr",
+    "evaluate",
+    "make_optimizer",
+    "predict_proba",
+    "train_epochs",
+]
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,28 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int
     return opt, sched
 
 
+class ProximalTerm:
+    """FedProx's ``mu/2 * ||w - w_global||^2``, anchored at the weights the round started from.
+
+    Its gradient ``mu * (w - w_global)`` depends on no training record, so under DP-SGD it
+    is added after clipping and noise (:meth:`add_grad`) and costs no privacy budget.
+    """
+
+    def __init__(self, model: nn.Module, mu: float) -> None:
+        if not mu > 0:
+            raise ConfigError(f"`proximal_mu` must be positive, got {mu}")
+        self.mu = mu
+        self.anchor = [p.detach().clone() for p in model.parameters()]
+        self.params = list(model.parameters())
+
+    def add_grad(self) -> None:
+        """Add ``mu * (w - w_global)`` to every trainable parameter's ``.grad``."""
+        with torch.no_grad():
+            for p, a in zip(self.params, self.anchor, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p - a, alpha=self.mu)
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = torch.rand(x.shape[0], generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -115,11 +146,14 @@ def train_epochs(
     *,
     config: TrainConfig,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    proximal_mu: float = 0.0,
 ) -> list[EpochStats]:
-    """Train ``model`` in place with AdamW + cosine schedule and cross-entropy.
+    """Train ``model`` in place with the configured optimiser and cross-entropy.
 
     Returns one :class:`EpochStats` per epoch; ``on_epoch`` is called after each.
+    ``proximal_mu`` > 0 adds FedProx's proximal term around the starting weights.
     """
+    prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
     gen = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=config.batch_size,
                         shuffle=True, generator=gen)
@@ -138,6 +172,8 @@ def train_epochs(
                 raise FloatingPointError(
                     f"loss became {loss.item()} in epoch {epoch}: lower the learning rate")
             loss.backward()
+            if prox is not None:
+                prox.add_grad()
             opt.step()
             sched.step()
             total += loss.item() * y.shape[0]

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from federation.errors import PrivradError
-from federation.model import ArchConfig, ModelKind
+from federation.model import ArchConfig, HeadKind, ModelKind
 
 if TYPE_CHECKING:
     from federation.config import RunConfig
@@ -44,21 +44,27 @@ def phantoms(
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes identical files.")] = 0,
     difficulty: Annotated[float, typer.Option(help="1 = default task; higher is harder.")] = 1.0,
+    public: Annotated[int, typer.Option(help="Slices of a public archive (one more scanner) in public/, "
+                                             "for server-side pretraining; 0 = none.")] = 1500,
 ) -> None:
     """Write synthetic kidney-CT hospitals as real CT DICOM files with labels.csv."""
-    from simulations.phantoms import PhantomConfig, generate_phantoms
+    from simulations.phantoms import PhantomConfig, generate_phantoms, public_profile
 
     cfg = PhantomConfig(sites=sites, per_site=per_site, test=test, size=size, seed=seed,
-                        difficulty=difficulty)
+                        difficulty=difficulty, public=public)
     with _progress() as bar:
-        task = bar.add_task("phantoms", total=sites * per_site + test, info="")
+        task = bar.add_task("phantoms", total=sites * per_site + test + public, info="")
         profiles = generate_phantoms(out, config=cfg, progress=lambda n: bar.advance(task, n))
     table = Table("site", "normal/cyst/tumour mix", "noise HU", "offset HU", "blur px")
     for p in profiles:
         table.add_row(p.name, " / ".join(f"{m:.2f}" for m in p.class_mix), f"{p.noise_hu:.1f}",
                       f"{p.offset_hu:+.1f}", f"{p.blur_px:.2f}")
+    if public:
+        p = public_profile(cfg)
+        table.add_row("public", " / ".join(f"{m:.2f}" for m in p.class_mix), f"{p.noise_hu:.1f}",
+                      f"{p.offset_hu:+.1f}", f"{p.blur_px:.2f}")
     out_console.print(table)
-    out_console.print(f"wrote {sites * per_site} training + {test} test slices to {out}")
+    out_console.print(f"wrote {sites * per_site} training + {test} test + {public} public slices to {out}")
 
 
 @app.command()
@@ -72,13 +78,14 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
     lr: Annotated[float | None, typer.Option(help="Learning rate [default: 1e-3 ref, 3e-3 approx].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
+    head: Annotated[str, typer.Option(help="Head: gap (global average pool) or flatten.")] = "gap",
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
 ) -> None:
     """Train centrally on all sites pooled (the non-private upper bound) and evaluate."""
     from clients.train import EpochStats, TrainConfig, default_lr
     from simulations.centralised import train_centralised
 
-    arch = ArchConfig(kind=model, input_size=size)
+    arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head))
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr or default_lr(model), seed=seed)
     with _progress() as bar:
         task = bar.add_task(f"train {model}", total=epochs, info="")
@@ -116,8 +123,13 @@ def simulate(
     delta: Annotated[float, typer.Option(help="δ (0 = 1/(10 N) per site).")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option(help="Per-sample clipping bound C.")] = 1.0,
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
-    strategy: Annotated[str, typer.Option(help="fedavg or fedadam.")] = "fedavg",
-    head: Annotated[str, typer.Option(help="Approx-CNN head: gap or flatten.")] = "gap",
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
+    proximal_mu: Annotated[float, typer.Option(help="FedProx's μ (with --strategy fedprox).")] = 0.01,
+    head: Annotated[str, typer.Option(help="Approx-CNN head: flatten or gap.")] = "flatten",
+    public: Annotated[Path | None, typer.Option(help="Public archive the server pretrains on "
+                                                     "(default DATA/public if present).")] = None,
+    pretrain_epochs: Annotated[int, typer.Option(help="Epochs of public pretraining (0 = start from scratch).")] = 15,
+    init_model: Annotated[Path | None, typer.Option(help="Start from this model.pt instead.")] = None,
     optimizer: Annotated[str, typer.Option(help="Local optimiser: adamw or sgd.")] = "adamw",
     lr: Annotated[float, typer.Option(help="Local learning rate.")] = 3e-3,
     secagg_timeout: Annotated[float, typer.Option(help="Seconds SecAgg+ waits for a stage.")] = 120.0,
@@ -129,8 +141,10 @@ def simulate(
     cfg = _run_config(data, out, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp, secagg=secagg,
                       epsilon_budget=epsilon_budget, target_epsilon=target_epsilon,
                       noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
-                      image_size=size, strategy=strategy, secagg_timeout=secagg_timeout, seed=seed, head=head,
-                      optimizer=optimizer, learning_rate=lr)
+                      image_size=size, strategy=strategy, proximal_mu=proximal_mu, secagg_timeout=secagg_timeout,
+                      seed=seed, head=head,
+                      optimizer=optimizer, learning_rate=lr, public_dir=str(public or ""),
+                      pretrain_epochs=pretrain_epochs, initial_model=str(init_model or ""))
     console.print(f"simulating {sites or 'all'} sites x {rounds} rounds (DP {'on' if dp else 'off'}, "
                   f"SecAgg+ {'on' if secagg else 'off'}) …")
     result = run_federated(cfg, sites=sites)
@@ -139,6 +153,9 @@ def simulate(
         table.add_row(str(row["round"]), f"{row['auc_macro']:.3f}", f"{row['loss']:.3f}",
                       f"{row.get('epsilon_max', 0.0):.2f}", f"{row.get('sites_contributed', '?')}",
                       f"{row['seconds']:.0f}")
+    initial = result.metrics.get("initial", {})
+    if "auc_macro" in initial:
+        out_console.print(f"initial model ({initial['source']}): macro-AUC {initial['auc_macro']:.3f}")
     out_console.print(table)
     final = result.metrics["final"]
     if final:
@@ -158,12 +175,23 @@ def local(
     epsilon_budget: Annotated[float, typer.Option(help="Per-site ε budget.")] = 8.0,
     delta: Annotated[float, typer.Option(help="δ (0 = 1/(10 N) per site).")] = 0.0,
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
+    head: Annotated[str, typer.Option(help="Approx-CNN head: flatten or gap.")] = "flatten",
+    public: Annotated[Path | None, typer.Option(help="Public archive the server pretrains on "
+                                                     "(default DATA/public if present).")] = None,
+    pretrain_epochs: Annotated[int, typer.Option(help="Epochs of public pretraining (0 = start from scratch).")] = 15,
+    init_model: Annotated[Path | None, typer.Option(help="Start from this model.pt instead.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the initial model and local shuffling.")] = 0,
 ) -> None:
-    """Train each site alone (the no-collaboration baseline) and evaluate each on the test set."""
+    """Train each site alone (the no-collaboration baseline) and evaluate each on the test set.
+
+    Every site starts from the same initial model as ``privrad simulate`` would.
+    """
     from simulations.local import run_local
 
     cfg = _run_config(data, out, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp,
-                      epsilon_budget=epsilon_budget, delta=delta, image_size=size, secagg=False)
+                      epsilon_budget=epsilon_budget, delta=delta, image_size=size, secagg=False, head=head,
+                      public_dir=str(public or ""), pretrain_epochs=pretrain_epochs,
+                      initial_model=str(init_model or ""), seed=seed)
     table = Table("site", "macro-AUC", "ε", title="local-only models")
     with _progress() as bar:
         task = bar.add_task("sites", total=None, info="")
@@ -174,7 +202,8 @@ def local(
 
         summary = run_local(cfg, on_site=on_site)
     out_console.print(table)
-    out_console.print(f"mean local macro-AUC {summary['mean_auc_macro']:.3f}")
+    out_console.print(f"initial model ({summary['initial']['source']}): macro-AUC "
+                      f"{summary['initial']['auc_macro']:.3f}; mean local macro-AUC {summary['mean_auc_macro']:.3f}")
 
 
 @app.command()

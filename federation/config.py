@@ -35,6 +35,13 @@ class RunConfig:
     Field names are the run-config keys with ``-`` replaced by ``_``. A value of 0 for
     ``noise_multiplier``, ``target_epsilon`` or ``delta`` means "derive it" (σ from the
     target ε over the planned rounds; target ε = budget; δ = 1/(10 N) per site).
+
+    The initial global model is ``initial_model`` (a privrad checkpoint) if set; else,
+    with ``pretrain_epochs`` > 0, the server pretrains on the public archive
+    ``public_dir`` (default ``data_dir/public`` when it exists), which costs no privacy:
+    the public data are not the hospitals'. Otherwise training starts from scratch.
+    ``head`` defaults to ``flatten``: measured on the phantom task, the GAP head sits on
+    a long plateau that federated rounds do not leave.
     """
 
     num_server_rounds: int = 10
@@ -43,11 +50,15 @@ class RunConfig:
     learning_rate: float = 3e-3
     optimizer: str = "adamw"
     image_size: int = 64
-    head: str = "gap"
+    head: str = "flatten"
     data_dir: str = ""
     test_dir: str = ""
     out_dir: str = ""
     seed: int = 0
+    # initial global model
+    initial_model: str = ""
+    public_dir: str = ""
+    pretrain_epochs: int = 15
     # differential privacy (client-side DP-SGD)
     dp: bool = True
     max_grad_norm: float = 1.0
@@ -77,7 +88,7 @@ class RunConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must be positive, got {getattr(self, name)}")
-        for name in ("noise_multiplier", "target_epsilon", "delta", "proximal_mu"):
+        for name in ("noise_multiplier", "target_epsilon", "delta", "proximal_mu", "pretrain_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must not be negative, got {getattr(self, name)}")
         if self.delta >= 1:

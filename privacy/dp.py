@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from clients.ingest import ImageSet
-from clients.train import TrainConfig, make_optimizer
+from clients.train import ProximalTerm, TrainConfig, make_optimizer
 from federation.errors import ConfigError, ModelError, PrivacyBudgetError
 from privacy.ledger import ALPHAS, PrivacyLedger, StepSet
 
@@ -147,14 +147,17 @@ def train_dp_round(
     train: TrainConfig,
     dp: DPConfig,
     noise_multiplier: float,
+    proximal_mu: float = 0.0,
 ) -> DPRoundResult:
     """Train ``model`` in place for ``train.epochs`` with DP-SGD; return the step set spent.
 
     The model must hold no batch statistics (Opacus refuses BatchNorm: per-sample
     gradients would be mixed across samples). The steps are counted here, not read back
-    from Opacus's accountant, which merges equal step sets.
+    from Opacus's accountant, which merges equal step sets. ``proximal_mu`` > 0 adds
+    FedProx's proximal gradient after clipping and noise (it reads no record).
     """
     model.train()
+    prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ModelError(f"model cannot be trained with DP-SGD: {errors[0]}")
@@ -187,7 +190,10 @@ def train_dp_round(
                         loss.backward()
                         total += loss.item() * len(y)
                         count += len(y)
-                    dp_opt.step()
+                    if dp_opt.pre_step():  # clip, noise and account; then the plain update
+                        if prox is not None:
+                            prox.add_grad()
+                        dp_opt.original_optimizer.step()
                     sched.step()
                     steps += 1
     finally:
@@ -206,6 +212,7 @@ def private_round(
     ledger: PrivacyLedger,
     round_: int,
     planned_rounds: int,
+    proximal_mu: float = 0.0,
 ) -> tuple[DPRoundResult, float]:
     """One DP-SGD round under a site's ledger: plan σ, check the budget, train, record.
 
@@ -226,7 +233,7 @@ def private_round(
                                  steps=steps * planned_rounds, accountant=dp.accountant)
     planned = planned_step_set(n, train=train, noise_multiplier=sigma)
     ledger.check([planned])
-    result = train_dp_round(model, data, train=train, dp=dp, noise_multiplier=sigma)
+    result = train_dp_round(model, data, train=train, dp=dp, noise_multiplier=sigma, proximal_mu=proximal_mu)
     if result.step_set != planned:  # never record less than was spent
         ledger.record(round_, [result.step_set])
         raise PrivacyBudgetError(f"site {ledger.site}: ran {result.step_set}, planned {planned}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -10,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.initial import initial_model
 from clients.ingest import Preprocess, load_dataset
 from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import DataError
-from federation.model import build_model
 from federation.storage import atomic_write_json, save_checkpoint
 from privacy.dp import private_round, site_ledger
 from simulations.centralised import site_folders
@@ -25,6 +26,8 @@ __all__ = ["run_local"]
 def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train one model per site for ``rounds x local-epochs`` epochs, evaluate each on the test set.
 
+    Every site starts from the federated run's initial model (:func:`aggregator.initial.initial_model`:
+    public pretraining where a public archive exists), so the comparison isolates collaboration.
     With DP on, each site spends its budget exactly as in the federated run (σ derived
     from the same target ε over the same number of steps), recorded in its own ledger.
     Writes ``out-dir/site-K/model.pt`` and ``out-dir/metrics.json``.
@@ -36,12 +39,14 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
     pre = Preprocess(size=cfg.image_size)
     test = load_dataset(Path(cfg.test_dir or data / "test"), preprocess=pre)
     train = TrainConfig(epochs=cfg.num_server_rounds * cfg.local_epochs, batch_size=cfg.batch_size,
-                        lr=cfg.learning_rate, seed=cfg.seed)
+                        lr=cfg.learning_rate, optimizer=cfg.optimizer, seed=cfg.seed)
     results: dict[str, Any] = {}
     start = time.perf_counter()
+    init = initial_model(cfg)
+    initial = {"source": str(init.kind), **init.info, **evaluate(init.model, test)}
     for folder in sites:
         site_data = load_dataset(folder, preprocess=pre)
-        model = build_model(cfg.arch(), seed=cfg.seed)
+        model = copy.deepcopy(init.model)
         entry: dict[str, Any] = {"train_images": len(site_data)}
         if cfg.dp:
             dp = cfg.dp_config()
@@ -61,6 +66,7 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
         if on_site is not None:
             on_site(folder.name, entry)
     summary = {
+        "initial": initial,
         "sites": results,
         "mean_auc_macro": float(np.mean([r["auc_macro"] for r in results.values()])),
         "dp": cfg.dp,

@@ -43,6 +43,7 @@ __all__ = [
     "PhantomConfig",
     "SiteProfile",
     "generate_phantoms",
+    "public_profile",
     "render_slice",
     "site_profiles",
     "write_ct_dicom",
@@ -77,6 +78,11 @@ class PhantomConfig:
         Output matrix size in pixels (square).
     seed
         Seed of everything; the same seed gives byte-identical files.
+    public
+        Slices in ``public/``: a labelled *public archive* from one further scanner, drawn
+        apart from every site's data (its own random stream and scanner profile), the
+        stand-in for a public data set such as KiTS19. The server may pretrain on it
+        (no privacy cost); 0 writes none.
     difficulty
         1.0 is the default task (calibrated so that a centralised Ref-CNN reaches a
         macro-AUC of about 0.90-0.98 at 64x64); larger values make lesions smaller, less
@@ -89,6 +95,7 @@ class PhantomConfig:
     size: int = 64
     seed: int = 0
     difficulty: float = 1.0
+    public: int = 0
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -97,6 +104,8 @@ class PhantomConfig:
             raise ConfigError(f"`per_site` must be at least 1, got {self.per_site}")
         if self.test < 0:
             raise ConfigError(f"`test` must not be negative, got {self.test}")
+        if self.public < 0:
+            raise ConfigError(f"`public` must not be negative, got {self.public}")
         if not 16 <= self.size <= 1024:
             raise ConfigError(f"`size` must be between 16 and 1024 pixels, got {self.size}")
         if not 0.0 < self.difficulty <= 4.0:
@@ -136,6 +145,16 @@ def site_profiles(config: PhantomConfig) -> list[SiteProfile]:
             )
         )
     return profiles
+
+
+def public_profile(config: PhantomConfig) -> SiteProfile:
+    """The scanner and population profile of the public archive (its own random stream)."""
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0x9AB11C]))
+    skew = rng.dirichlet(np.full(len(CLASSES), 1.5))
+    mix = 0.4 / len(CLASSES) + 0.6 * skew
+    return SiteProfile(name="public", class_mix=(float(mix[0]), float(mix[1]), float(mix[2])),
+                       noise_hu=float(rng.uniform(12.0, 28.0)), offset_hu=float(rng.uniform(-20.0, 20.0)),
+                       blur_px=float(rng.uniform(0.0, 1.0)), manufacturer="Public Archive Scanner")
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -379,7 +398,7 @@ def _constant(profile: SiteProfile) -> Callable[[int], SiteProfile]:
 def generate_phantoms(
     out: Path, *, config: PhantomConfig, progress: Callable[[int], None] | None = None
 ) -> list[SiteProfile]:
-    """Write ``out/site-K/`` (K = 1..sites) and ``out/test/``, each with ``labels.csv``.
+    """Write ``out/site-K/`` (K = 1..sites), ``out/test/`` and ``out/public/``, each with ``labels.csv``.
 
     Parameters
     ----------
@@ -406,10 +425,16 @@ def generate_phantoms(
         labels = _draw_labels(config.test, (1 / 3, 1 / 3, 1 / 3), rng)
         scanners = rng.integers(0, len(profiles), size=config.test)
         _write_set(out / "test", labels, lambda i: profiles[int(scanners[i])], config, 99, progress)
+    public = public_profile(config)
+    if config.public > 0:
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3]))
+        labels = _draw_labels(config.public, public.class_mix, rng)
+        _write_set(out / "public", labels, _constant(public), config, 98, progress)
     manifest = {
         "config": dataclasses.asdict(config),
         "classes": list(CLASSES),
         "sites": [dataclasses.asdict(p) for p in profiles],
+        "public": dataclasses.asdict(public) if config.public > 0 else None,
         "generated_by": "privrad phantoms",
     }
     tmp = out / "sites.json.tmp"

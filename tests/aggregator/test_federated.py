@@ -98,6 +98,8 @@ def test_the_run_writes_a_loadable_global_model_and_round_metrics(plain_and_seca
 
     ckpt = load_checkpoint(tmp_path / "global_model.pt")
     assert ckpt.meta["classes"] == ["normal", "cyst", "tumour"]
+    assert metrics["initial"]["source"] == "random"  # no public archive in this federation
+    assert 0.0 <= metrics["initial"]["auc_macro"] <= 1.0  # round 0: the initial model, evaluated
     row = metrics["rounds"][0]
     assert row["sites_contributed"] == 3
     assert row["epsilon_max"] > 0

@@ -11,7 +11,13 @@ import pytest
 from clients.ingest import read_dicom_hu
 from federation.errors import ConfigError
 from federation.model import CLASSES
-from simulations.phantoms import PhantomConfig, generate_phantoms, site_profiles, write_ct_dicom
+from simulations.phantoms import (
+    PhantomConfig,
+    generate_phantoms,
+    public_profile,
+    site_profiles,
+    write_ct_dicom,
+)
 
 from ..conftest import TINY
 
@@ -84,7 +90,34 @@ def test_sites_differ_in_mix_noise_offset_and_blur() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("sites", 0), ("per_site", 0), ("size", 8),
-                                              ("difficulty", 0.0), ("test", -1)])
+                                              ("difficulty", 0.0), ("test", -1),
+                                              ("public", -1)])
 def test_bad_config_names_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"`{field}`"):
         PhantomConfig(**{field: value})
+
+
+def test_the_public_archive_is_a_further_scanner_with_images_no_site_has(tmp_path: Path) -> None:
+    # Prepare: the tiny federation again, now with a public archive
+    config = PhantomConfig(sites=2, per_site=12, test=9, size=32, seed=3, public=10)
+
+    # Execute
+    generate_phantoms(tmp_path, config=config)
+
+    # Assert: the sites and test set are unchanged by adding the archive ...
+    without = tmp_path / "without"
+    generate_phantoms(without, config=TINY)
+    with_public = _digest_tree(tmp_path)
+    assert {k: v for k, v in with_public.items() if not k.startswith(("public", "without", "sites.json"))} == {
+        k: v for k, v in _digest_tree(without).items() if k != "sites.json"}
+    # ... its labels are complete, its scanner is none of the sites', and no image repeats a site's
+    rows = list(csv.DictReader((tmp_path / "public" / "labels.csv").open()))
+    assert len(rows) == 10
+    profile = public_profile(config)
+    assert profile.name == "public"
+    assert all(profile.noise_hu != p.noise_hu for p in site_profiles(config))
+    private = {hashlib.sha256(read_dicom_hu(f).tobytes()).hexdigest()
+               for f in tmp_path.glob("site-*/*.dcm")}
+    public = {hashlib.sha256(read_dicom_hu(f).tobytes()).hexdigest() for f in (tmp_path / "public").glob("*.dcm")}
+    assert len(public) == 10
+    assert not public & private
