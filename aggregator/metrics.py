@@ -39,8 +39,8 @@ class RunRecorder:
     test
         Held-out set for centralised evaluation.
     out
-        Run folder: ``metrics.json``, ``global_model.pt``, ``checkpoints/round-NNN.pt``,
-        ``training.png``.
+        Run folder: ``metrics.json``, ``privacy_ledger.json`` (what the sites reported of their
+        privacy spend, per round), ``global_model.pt``, ``checkpoints/round-NNN.pt``, ``training.png``.
     initial
         Provenance of the initial global model; its round-0 evaluation is added here.
     """
@@ -52,6 +52,8 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.sites: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, Any] = {}
+        self._reports: list[dict[str, Any]] = []
+        self.privacy_reports: list[dict[str, Any]] = []
         self._start = time.perf_counter()
         self.final: dict[str, Any] = {}
 
@@ -60,6 +62,9 @@ class RunRecorder:
         """Reduce the clients' fit metrics; remember per-site ε and refusals."""
         contributed = [m for n, m in results if n > 0]
         refused = [m for _, m in results if int(m.get("refused", 0))]
+        self._reports = [{"site": str(m.get("site", "?")), "refused": int(m.get("refused", 0)),
+                          **{k: float(m[k]) for k in ("epsilon", "delta", "noise_multiplier") if k in m}}
+                         for _, m in results]
         for _, m in results:
             site = str(m.get("site", "?"))
             entry = self.sites.setdefault(site, {})
@@ -99,7 +104,8 @@ class RunRecorder:
                    "accuracy": metrics["accuracy"], **aggregated,
                    "seconds": time.perf_counter() - self._start}
             self.rounds.append(row)
-            self._pending = {}
+            self.privacy_reports += [{"round": server_round, **r} for r in self._reports]
+            self._pending, self._reports = {}, []
             sha = save_checkpoint(self.out / "checkpoints" / f"round-{server_round:03d}.pt", model,
                                   meta=self._meta(metrics, server_round))
             row["checkpoint_sha256"] = sha
@@ -140,6 +146,11 @@ class RunRecorder:
         """Write ``metrics.json``, ``global_model.pt`` and ``training.png`` (atomically)."""
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "metrics.json", self.summary())
+        atomic_write_json(self.out / "privacy_ledger.json", {
+            "about": "ε (at δ) each site reported after each round; every site's own ledger, which it "
+                     "checks before it trains, stays at the site (ledger/site-K.json in a simulation)",
+            "dp": self.cfg.dp, "epsilon_budget": self.cfg.epsilon_budget,
+            "sites": {s: e for s, e in sorted(self.sites.items())}, "reports": self.privacy_reports})
         if self.final:
             save_checkpoint(self.out / "global_model.pt", self.final["model"],
                             meta=self._meta(self.final["metrics"], len(self.rounds)))

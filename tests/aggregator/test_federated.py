@@ -107,6 +107,11 @@ def test_the_run_writes_a_loadable_global_model_and_round_metrics(plain_and_seca
     assert (tmp_path / "training.png").stat().st_size > 1000
     ledger = json.loads((tmp_path / "ledger" / "site-2.json").read_text())
     assert ledger["epsilon"] == pytest.approx(metrics["final"]["epsilon"]["site-2"])
+    reported = json.loads((tmp_path / "privacy_ledger.json").read_text())
+    assert sorted(r["site"] for r in reported["reports"] if r["round"] == 1) == ["site-1", "site-2", "site-3"]
+    site2 = next(r for r in reported["reports"] if r["site"] == "site-2")
+    assert site2["epsilon"] == pytest.approx(ledger["epsilon"])
+    assert site2["noise_multiplier"] == pytest.approx(1.0)
 
 
 HANG_S = 50.0
