@@ -14,7 +14,7 @@ from flwr.server import ServerApp
 from clients.client_app import HospitalClient, get_weights, set_weights, site_data_path
 from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig
-from federation.model import ArchConfig, build_model
+from federation.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,9 +39,10 @@ def test_partition_id_selects_the_site_folder(tmp_path: Path) -> None:
 
 
 def test_a_hospital_client_trains_from_the_sent_weights(tiny_federation: Path) -> None:
-    arch = ArchConfig(input_size=32)
+    cfg = RunConfig(image_size=32, dp=False, local_epochs=1)
+    arch = cfg.arch()
     data = load_dataset(tiny_federation / "site-1", preprocess=Preprocess(size=32))
-    client = HospitalClient(data, RunConfig(image_size=32, dp=False, local_epochs=1), site="site-1", ledger=None)
+    client = HospitalClient(data, cfg, site="site-1", ledger=None)
     start = get_weights(build_model(arch, seed=0))
 
     weights, n, metrics = client.fit(start, {"server-round": 1})

@@ -66,7 +66,7 @@ def test_a_site_over_budget_says_so_and_sends_no_weight(tiny_federation: Path, t
     cfg = RunConfig(image_size=32, batch_size=4, noise_multiplier=0.8, epsilon_budget=0.5)
     ledger = PrivacyLedger(tmp_path / "site-1.json", site="site-1", budget=0.5, delta=DELTA)
     client = HospitalClient(data, cfg, site="site-1", ledger=ledger)
-    start = get_weights(build_model(ArchConfig(input_size=32), seed=0))
+    start = get_weights(build_model(cfg.arch(), seed=0))
 
     weights, n, metrics = client.fit(start, {"server-round": 1})
 
