@@ -56,6 +56,7 @@ class RunRecorder:
         self.privacy_reports: list[dict[str, Any]] = []
         self._start = time.perf_counter()
         self.final: dict[str, Any] = {}
+        self.central: Any = None  # aggregator.central_dp.CentralDP when central DP is on
 
     # -- Flower callbacks (legacy strategy hooks) -------------------------------------------
     def aggregate_fit_metrics(self, results: Sequence[tuple[int, Metrics]]) -> Metrics:
@@ -100,8 +101,9 @@ class RunRecorder:
         else:
             aggregated = {"aggregated": True, **self._pending} if self._pending else {
                 "aggregated": False, "sites_contributed": 0, "sites_refused": 0}
+            central = dict(self.central.last) if self.central is not None else {}
             row = {"round": server_round, "auc_macro": metrics["auc_macro"], "loss": loss,
-                   "accuracy": metrics["accuracy"], **aggregated,
+                   "accuracy": metrics["accuracy"], **aggregated, **central,
                    "seconds": time.perf_counter() - self._start}
             self.rounds.append(row)
             self.privacy_reports += [{"round": server_round, **r} for r in self._reports]
@@ -136,6 +138,7 @@ class RunRecorder:
                 "epsilon": {s: e.get("epsilon", 0.0) for s, e in sorted(self.sites.items())},
                 "delta": {s: e.get("delta") for s, e in sorted(self.sites.items())},
                 "secagg": self.cfg.secagg, "dp": self.cfg.dp,
+                "central_dp": self.central.describe() if self.central is not None else None,
                 "rounds_completed": len(self.rounds),
             }
         return {"initial": self.initial, "rounds": self.rounds, "final": final, "sites": self.sites,
@@ -150,7 +153,8 @@ class RunRecorder:
             "about": "ε (at δ) each site reported after each round; every site's own ledger, which it "
                      "checks before it trains, stays at the site (ledger/site-K.json in a simulation)",
             "dp": self.cfg.dp, "epsilon_budget": self.cfg.epsilon_budget,
-            "sites": {s: e for s, e in sorted(self.sites.items())}, "reports": self.privacy_reports})
+            "sites": {s: e for s, e in sorted(self.sites.items())}, "reports": self.privacy_reports,
+            "central_dp": self.central.describe() if self.central is not None else None})
         if self.final:
             save_checkpoint(self.out / "global_model.pt", self.final["model"],
                             meta=self._meta(self.final["metrics"], len(self.rounds)))
@@ -160,6 +164,8 @@ class RunRecorder:
 
     def _title(self) -> str:
         parts = ["DP-SGD" if self.cfg.dp else "no DP", "SecAgg+" if self.cfg.secagg else "no SecAgg"]
+        if self.cfg.central_dp:
+            parts.append("central DP")
         return f"federated {self.cfg.strategy} ({', '.join(parts)})"
 
 
@@ -187,10 +193,16 @@ def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str,
     ax.set_ylim(0.4, 1.0)
     ax.grid(alpha=0.3)
     eps = [row.get("epsilon_max", 0.0) for row in rounds]
-    if any(eps):
+    central = [row.get("central_epsilon", 0.0) for row in rounds]
+    if any(eps) or any(central):
         ax2 = ax.twinx()
-        ax2.plot(r, eps, "s--", color="tab:red", label="max ε (δ per site)")
-        ax2.set_ylabel("ε spent (max over sites)", color="tab:red")
+        if any(eps):
+            ax2.plot(r, eps, "s--", color="tab:red", label="max ε per site (DP-SGD, record level)")
+        if any(central):
+            ax2.plot(r, central, "^--", color="tab:purple", label="central ε (site level)")
+        ax2.set_ylabel("ε spent", color="tab:red")
+        ax2.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="lower left", fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1,9 +1,12 @@
-"""Flower ServerApp: FedAvg (or FedAdam) inside Flower's SecAgg+ workflow, legacy path.
+"""Flower ServerApp: FedAvg (or FedProx, FedAdam) inside Flower's SecAgg+ workflow, legacy path.
 
 SecAgg+ works only on Flower 1.41's legacy path (see the design notes): a legacy strategy
 in a ``LegacyContext`` run by ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))``.
 The workflow unmasks only the *sum* of the clients' weighted vectors; every ``FitRes``
 the strategy then sees carries that same aggregate, never an individual update.
+
+With ``central-dp`` the strategy is wrapped in :class:`~aggregator.central_dp.CentralDP`
+(site-level DP: client-side clipping, server noise on the securely aggregated mean).
 
 The initial global model comes from :mod:`aggregator.initial` (public-data pretraining
 by default when the data folder has a ``public/`` archive). Each round, and once before
@@ -37,6 +40,7 @@ from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from aggregator.central_dp import CentralDP, plan_central_dp
 from aggregator.initial import initial_model
 from aggregator.metrics import RunRecorder
 from clients.client_app import get_weights
@@ -44,8 +48,9 @@ from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig, StrategyKind
 from federation.errors import ConfigError
 from federation.model import build_model
+from privacy.ledger import PrivacyLedger
 
-__all__ = ["app", "build_strategy", "make_server_app", "secagg_workflow"]
+__all__ = ["app", "build_strategy", "central_dp_strategy", "make_server_app", "secagg_workflow"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,19 @@ class ObservedStrategy(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
 
+def central_dp_strategy(cfg: RunConfig, inner: Strategy) -> CentralDP:
+    """Wrap ``inner`` in central DP with the run's σ, C, δ and budget; the ledger is ``RUN/central_ledger.json``."""
+    plan = plan_central_dp(clipping_norm=cfg.central_clipping_norm,
+                           noise_multiplier=cfg.central_noise_multiplier or None,
+                           epsilon_budget=cfg.central_epsilon_budget, delta=cfg.central_delta,
+                           sample_rate=cfg.fraction_fit, rounds=cfg.num_server_rounds)
+    ledger = PrivacyLedger(Path(cfg.out_dir) / "central_ledger.json", site="central", budget=plan.epsilon_budget,
+                           delta=plan.delta)
+    log.info("central DP: sigma %.4g, C %g, planned epsilon %.3f at delta %g", plan.noise_multiplier,
+             plan.clipping_norm, plan.planned_epsilon, plan.delta)
+    return CentralDP(inner, plan=plan, ledger=ledger)
+
+
 def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ fit workflow with the run's shares, threshold and (always) a timeout."""
     return SecAggPlusWorkflow(
@@ -144,6 +162,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: Fit
         init = initial_model(cfg)
         recorder = RunRecorder(cfg, test, Path(cfg.out_dir), initial={"source": str(init.kind), **init.info})
         strategy = build_strategy(cfg, recorder, get_weights(init.model))
+        if cfg.central_dp:
+            strategy = recorder.central = central_dp_strategy(cfg, strategy)
         if observer is not None:
             strategy = ObservedStrategy(strategy, observer)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds),

@@ -8,7 +8,11 @@ A thin adapter over :mod:`clients.ingest`, :mod:`clients.train` and :mod:`privac
   site's privacy ledger (``ledger-path`` node config, else ``out-dir/ledger/site-K.json``),
   which keeps ε cumulative across rounds and refuses a round that would exceed the budget;
 * with ``secagg`` on, the reply passes through Flower's ``secaggplus_mod`` (legacy path:
-  a ``NumPyClient``), so only masked vectors leave the hospital.
+  a ``NumPyClient``), so only masked vectors leave the hospital;
+* with ``central-dp`` on, Flower's ``fixedclipping_mod`` clips the update to the site's
+  own ``central-clipping-norm`` (it refuses a server that asks for a larger norm) before
+  SecAgg+ masks it, and the site reports weight 1 so that every site counts equally in
+  the mean the server noises (:mod:`aggregator.central_dp`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from flwr.client import Client, NumPyClient
-from flwr.client.mod import secaggplus_mod
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Context, Message
+from flwr.common import Context, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.ingest import ImageSet, Preprocess, load_dataset
 from clients.train import TrainConfig, evaluate, train_epochs
@@ -126,7 +132,8 @@ class HospitalClient(NumPyClient):
             loss = result.loss
             metrics.update(epsilon=eps, delta=self.ledger.delta, noise_multiplier=result.step_set[0])
         metrics["loss"] = float(loss)
-        return get_weights(self.model), len(self.data), metrics
+        # Central DP needs equal weights: its noise is calibrated to one site's share of the mean.
+        return get_weights(self.model), 1 if self.cfg.central_dp else len(self.data), metrics
 
     def evaluate(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
         """Local metrics of the global model (not used with centralised evaluation)."""
@@ -140,6 +147,27 @@ def secagg_when_configured(msg: Message, ctxt: Context, call_next: ClientAppCall
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, ctxt, call_next)
     return call_next(msg, ctxt)
+
+
+def central_clipping_mod(overrides: Mapping[str, Any] | None = None) -> Callable[[Message, Context, ClientAppCallable],
+                                                                               Message]:
+    """A mod that clips the site's update for central DP when the site's run config turns it on.
+
+    The norm is the site's own ``central-clipping-norm``; a training message asking for a
+    different norm is refused with an error reply rather than silently weakening the bound.
+    """
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        cfg = RunConfig.from_flower(ctxt.run_config, overrides)
+        if not cfg.central_dp or msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        sent = recorddict_compat.recorddict_to_fitins(msg.content, keep_input=True).config.get(KEY_CLIPPING_NORM)
+        if sent is None or abs(float(sent) - cfg.central_clipping_norm) > 1e-9 * cfg.central_clipping_norm:
+            raise ConfigError(f"central DP: the server asked for clipping norm {sent!r}, this site is configured "
+                              f"for {cfg.central_clipping_norm}; refusing to train")
+        return fixedclipping_mod(msg, ctxt, call_next)
+
+    return mod
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None, *,
@@ -161,7 +189,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *,
         hook = (lambda: before_fit(context)) if before_fit is not None else None
         return HospitalClient(data, cfg, site=site, ledger=ledger, before_fit=hook).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secagg_when_configured])
+    # SecAgg+ outermost: the update is clipped before it is masked.
+    return ClientApp(client_fn=client_fn, mods=[secagg_when_configured, central_clipping_mod(overrides)])
 
 
 app = make_client_app()

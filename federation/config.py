@@ -40,6 +40,10 @@ class RunConfig:
     with ``pretrain_epochs`` > 0, the server pretrains on the public archive
     ``public_dir`` (default ``data_dir/public`` when it exists), which costs no privacy:
     the public data are not the hospitals'. Otherwise training starts from scratch.
+    ``central_dp`` adds site-level DP on top (or instead of DP-SGD): each site clips its
+    update to ``central_clipping_norm``, the server adds Gaussian noise of multiplier
+    ``central_noise_multiplier`` (0: derived so the planned rounds spend
+    ``central_epsilon_budget`` at ``central_delta``) and refuses rounds beyond the budget.
     ``head`` defaults to ``flatten``: measured on the phantom task, the GAP head sits on
     a long plateau that federated rounds do not leave.
     """
@@ -66,6 +70,12 @@ class RunConfig:
     target_epsilon: float = 0.0
     epsilon_budget: float = 8.0
     delta: float = 0.0
+    # central (site-level) DP: client-side update clipping + server noise (aggregator.central_dp)
+    central_dp: bool = False
+    central_clipping_norm: float = 1.0
+    central_noise_multiplier: float = 0.0
+    central_epsilon_budget: float = 8.0
+    central_delta: float = 1e-5
     # secure aggregation
     secagg: bool = True
     secagg_num_shares: float = 1.0
@@ -84,15 +94,19 @@ class RunConfig:
         object.__setattr__(self, "strategy", StrategyKind(self.strategy))
         positive = ("num_server_rounds", "local_epochs", "batch_size", "learning_rate", "image_size",
                     "max_grad_norm", "epsilon_budget", "secagg_num_shares", "secagg_threshold",
-                    "secagg_timeout", "secagg_max_weight", "secagg_clipping_range")
+                    "secagg_timeout", "secagg_max_weight", "secagg_clipping_range", "central_clipping_norm",
+                    "central_epsilon_budget")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must be positive, got {getattr(self, name)}")
-        for name in ("noise_multiplier", "target_epsilon", "delta", "proximal_mu", "pretrain_epochs"):
+        for name in ("noise_multiplier", "target_epsilon", "delta", "proximal_mu", "pretrain_epochs",
+                     "central_noise_multiplier"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must not be negative, got {getattr(self, name)}")
         if self.delta >= 1:
             raise ConfigError(f"`delta` must be below 1, got {self.delta}")
+        if not 0 < self.central_delta < 1:
+            raise ConfigError(f"`central-delta` must be in (0, 1), got {self.central_delta}")
         if self.target_epsilon > self.epsilon_budget:
             raise ConfigError(f"`target-epsilon` {self.target_epsilon} exceeds `epsilon-budget` "
                               f"{self.epsilon_budget}")

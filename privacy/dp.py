@@ -123,6 +123,7 @@ class DPRoundResult:
     loss: float
     step_set: StepSet
     seconds: float
+    empty_batches: int = 0
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -153,7 +154,8 @@ def train_dp_round(
 
     The model must hold no batch statistics (Opacus refuses BatchNorm: per-sample
     gradients would be mixed across samples). The steps are counted here, not read back
-    from Opacus's accountant, which merges equal step sets. ``proximal_mu`` > 0 adds
+    from Opacus's accountant, which merges equal step sets. An empty Poisson batch is a
+    step like any other (noise only), as the accountant assumes. ``proximal_mu`` > 0 adds
     FedProx's proximal gradient after clipping and noise (it reads no record).
     """
     model.train()
@@ -173,7 +175,7 @@ def train_dp_round(
             max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
     q = sample_rate(len(data), train.batch_size)
     loss_fn = nn.CrossEntropyLoss()
-    start, steps, total, count = time.perf_counter(), 0, 0.0, 0
+    start, steps, total, count, empty = time.perf_counter(), 0, 0.0, 0, 0
     try:
         with warnings.catch_warnings():
             # Opacus' per-sample hooks on the first layer trip torch's "no inputs require
@@ -190,6 +192,10 @@ def train_dp_round(
                         loss.backward()
                         total += loss.item() * len(y)
                         count += len(y)
+                    else:  # an empty Poisson batch still takes its noisy step: zero per-sample gradients
+                        for p in dp_opt.params:
+                            p.grad_sample = p.new_zeros((0, *p.shape))
+                        empty += 1
                     if dp_opt.pre_step():  # clip, noise and account; then the plain update
                         if prox is not None:
                             prox.add_grad()
@@ -200,7 +206,7 @@ def train_dp_round(
         dp_model._close()  # remove Opacus hooks so the module can be wrapped again
     model.eval()
     return DPRoundResult(loss=total / max(count, 1), step_set=(noise_multiplier, q, steps),
-                         seconds=time.perf_counter() - start)
+                         seconds=time.perf_counter() - start, empty_batches=empty)
 
 
 def private_round(

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from flwr.common import Context
 
-from clients.client_app import make_client_app
+from clients.client_app import get_weights, make_client_app
 from federation.config import RunConfig
+from federation.model import build_model
 from federation.storage import load_checkpoint
+from privacy.ledger import epsilon_of
 from simulations.federated import run_federated
 from simulations.phantoms import PhantomConfig, generate_phantoms
 
@@ -24,6 +26,9 @@ pytestmark = pytest.mark.slow
 # per client.
 MAX_WEIGHT = 100.0
 SECAGG_TOL = 1e-4
+# with central DP every site has weight 1 (ratio 1 / 100): the quantisation step 3.8e-6 over the
+# summed ratio 0.03 is ~1.3e-4 per client
+CENTRAL_SECAGG_TOL = 1e-3
 
 Observed = list[tuple[int, list[tuple[list[np.ndarray], int]]]]
 
@@ -140,3 +145,40 @@ def test_a_site_that_hangs_mid_round_does_not_stop_the_round(three_sites: Path, 
     assert result.metrics["final"]["rounds_completed"] == 1
     assert np.isfinite(row["auc_macro"])
     assert row["seconds"] < HANG_S  # the round closed on the SecAgg+ timeout, not when the site woke
+
+
+def _clip(update: list[np.ndarray], start: list[np.ndarray], norm: float) -> list[np.ndarray]:
+    delta = [u - s for u, s in zip(update, start, strict=True)]
+    scale = min(1.0, norm / float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta))))
+    return [s + d * scale for s, d in zip(start, delta, strict=True)]
+
+
+def test_central_dp_under_secagg_clips_each_site_and_noises_the_mean(plain_and_secagg: Any, three_sites: Path,
+                                                                   tmp_path: Path) -> None:
+    plain, _, _ = plain_and_secagg
+    individual = [p for p, _ in plain[0][1]]
+    start = get_weights(build_model(RunConfig(image_size=16).arch(), seed=0))
+    norms = [float(np.sqrt(sum(float(np.sum((u - s) ** 2)) for u, s in zip(upd, start, strict=True))))
+             for upd in individual]
+    clip, sigma = 0.5 * min(norms), 0.5   # the bound binds for every site
+
+    metrics, seen = _run(three_sites, tmp_path, secagg=True, central_dp=True, central_clipping_norm=clip,
+                         central_noise_multiplier=sigma, central_epsilon_budget=50.0)
+
+    # what the server unmasks: the equal-weight mean of the clipped updates (independent reference)
+    expected = [sum(parts) / 3 for parts in zip(*(_clip(u, start, clip) for u in individual), strict=True)]
+    (_, aggregated), = seen
+    for got, want in zip(aggregated[0][0], expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=CENTRAL_SECAGG_TOL, rtol=0)
+    # what it releases: that mean plus N(0, (σC/3)²) per coordinate
+    released = load_checkpoint(tmp_path / "checkpoints" / "round-001.pt")
+    noise = np.concatenate([(r.numpy() - a).ravel() for r, a in
+                            zip(released.model.state_dict().values(), aggregated[0][0], strict=True)])
+    assert noise.size > 10_000
+    assert noise.std() == pytest.approx(sigma * clip / 3, rel=0.05)
+    row = metrics["rounds"][0]
+    eps = epsilon_of([(sigma, 1.0, 1)], 1e-5)
+    assert row["central_epsilon"] == pytest.approx(eps)
+    assert row["central_sites"] == 3
+    assert metrics["final"]["central_dp"]["epsilon"] == pytest.approx(eps)
+    assert json.loads((tmp_path / "central_ledger.json").read_text())["entries"][0]["noise_multiplier"] == sigma

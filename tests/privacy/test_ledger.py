@@ -111,3 +111,19 @@ def test_an_unreadable_ledger_stops_training(tmp_path: Path) -> None:
 
     with pytest.raises(PrivacyBudgetError, match=r"unreadable.*refusing to train"):
         PrivacyLedger(tmp_path / "l.json", site="s", budget=8, delta=DELTA)
+
+
+def test_an_empty_poisson_batch_is_a_noisy_step_not_a_crash(tiny_federation: Path) -> None:
+    # 4 images at q = 1/4: a batch is empty with probability 0.75**4 = 0.32, so eight steps
+    # with none empty (p = 0.05) are rare; the loop finds a seed with an empty batch.
+    data = load_dataset(tiny_federation / "site-1", preprocess=Preprocess(size=32))
+    data = type(data)(data.images[:4], data.labels[:4], data.classes, data.files[:4])
+    for seed in range(20):
+        model = build_model(ArchConfig(input_size=32), seed=0)
+        train = TrainConfig(epochs=2, batch_size=1, seed=seed, optimizer="sgd", lr=0.1)
+        result = train_dp_round(model, data, train=train, dp=DPConfig(), noise_multiplier=1.0)
+        if result.empty_batches:
+            break
+    assert result.empty_batches > 0
+    assert result.step_set == (1.0, 0.25, 8)  # every step accounted for, the empty ones included
+    assert all(p.isfinite().all() for p in model.parameters())
