@@ -9,7 +9,12 @@ caller can catch the whole family at once and a CLI can print a clean message::
     │   ├── DicomError         a DICOM file is unusable (names the tag where one is at fault)
     │   └── LabelError         a label is not in the class list
     ├── ModelError             a model file or architecture is unusable
-    └── PrivacyBudgetError     a step would exceed a privacy budget
+    ├── PrivacyBudgetError     a step would exceed a privacy budget
+    └── HEError                encrypted inference cannot go on
+        ├── UnsupportedLayerError  a layer has no CKKS equivalent (names the layer and why)
+        ├── DepthError             the network is deeper than any 128-bit ring allows
+        ├── KeyMaterialError       secret material where only public keys belong, or keys that do not match
+        └── CiphertextError        a ciphertext or artifact is malformed, tampered or for other parameters
 """
 
 from __future__ import annotations
@@ -61,3 +66,23 @@ class ModelError(PrivradError):
 
 class PrivacyBudgetError(PrivradError):
     """A DP step set would exceed the privacy budget."""
+
+
+class HEError(PrivradError):
+    """Encrypted inference cannot go on."""
+
+
+class UnsupportedLayerError(HEError, ModelError):
+    """A layer of the model has no CKKS equivalent; the message names the layer and why."""
+
+
+class DepthError(HEError):
+    """The network needs more multiplicative levels than a 128-bit-secure ring provides."""
+
+
+class KeyMaterialError(HEError):
+    """Secret material where only public material is allowed, or keys for other parameters."""
+
+
+class CiphertextError(HEError):
+    """A serialised ciphertext, key or compiled model is malformed, tampered or mismatched."""

@@ -1,0 +1,148 @@
+"""Tracing, packing and the encrypted forward pass, each against the plaintext PyTorch model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tenseal.sealapi as seal
+import torch
+from torch import nn
+
+from federation.errors import DepthError, UnsupportedLayerError
+from federation.model import ArchConfig, PolyAct, Residual, build_model
+from he_inference.ckks import choose_params, make_context
+from he_inference.engine import Engine
+from he_inference.ir import run_plain, trace
+from he_inference.plan import SlotSimulator, build_plan
+
+TRACE_TOL = 1e-5        # float32 PyTorch vs the float64 traced network
+SIM_TOL = 1e-9          # the slot simulator is exact up to float64 rounding
+HE_REL_TOL = 1e-4       # CKKS at a 40-bit scale: error relative to the largest logit magnitude
+SLOTS = 8192
+
+
+def _perturbed(model: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _custom(kernel: int, stride: int, degree: int) -> nn.Module:
+    """Conv(k, s) → BatchNorm → PolyAct → AvgPool → Residual(conv3 → PolyAct) → Flatten → Linear on 16x16."""
+    side = 16 // stride // 2
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, kernel, stride=stride, padding=kernel // 2), nn.BatchNorm2d(3),
+        PolyAct(degree, 0.5, channels=3), nn.AvgPool2d(2),
+        Residual(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), PolyAct(2, 0.5, channels=3))),
+        nn.Flatten(), nn.Linear(3 * side * side, 3))
+    bn = model[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 2.0)
+    return _perturbed(model, kernel * 10 + stride)
+
+
+CASES = [
+    pytest.param(lambda: _perturbed(build_model(ArchConfig(input_size=16, channels=(4, 8)), seed=0), 1), (1, 16, 16),
+                 id="approx-cnn-gap-degree2"),
+    pytest.param(lambda: _perturbed(build_model(ArchConfig(input_size=16, channels=(2, 4), head="flatten",
+                                                           residual=True, degree=3), seed=1), 2), (1, 16, 16),
+                 id="approx-cnn-flatten-residual-degree3"),
+    pytest.param(lambda: _custom(5, 2, 3), (1, 16, 16), id="k5-stride2-batchnorm-degree3-residual"),
+    pytest.param(lambda: _custom(3, 1, 2), (1, 16, 16), id="k3-stride1-degree2-residual"),
+    pytest.param(lambda: _perturbed(nn.Sequential(nn.Conv2d(1, 4, 4, stride=4), PolyAct(4, 0.5, channels=4),
+                                                  nn.Flatten(), nn.Linear(4 * 4 * 4, 2)), 3), (1, 16, 16),
+                 id="patchify-stem-degree4"),
+]
+
+
+def _images(shape: tuple[int, int, int], n: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 1, (n, *shape))
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES)
+def test_the_traced_network_computes_what_the_model_computes(make, shape) -> None:  # type: ignore[no-untyped-def]
+    model = make()
+    x = _images(shape)
+
+    net = trace(model, image_shape=shape)
+
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x).float()).double().numpy()
+    np.testing.assert_allclose(run_plain(net, x), ref, atol=TRACE_TOL * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES)
+def test_the_packed_plan_on_plain_slots_equals_the_network(make, shape) -> None:  # type: ignore[no-untyped-def]
+    net = trace(make(), image_shape=shape)
+    x = _images(shape)
+    plan = build_plan(net, slots=SLOTS, calibration=x)
+    sim = SlotSimulator(plan)
+
+    got = np.stack([sim.run(plan.input_layout.pack(net.transform.apply(x[i:i + 1])[0], SLOTS)) for i in range(2)])
+
+    ref = run_plain(net, x)
+    np.testing.assert_allclose(got, ref, atol=SIM_TOL * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+def test_a_patchify_first_convolution_becomes_the_clients_pixel_unshuffle() -> None:
+    net = trace(CASES[4].values[0](), image_shape=(1, 16, 16))
+
+    assert net.transform.unshuffle == 4
+    assert net.input_shape == (16, 4, 4)
+
+
+@pytest.mark.parametrize(("layer", "why"), [(nn.ReLU(), r"ReLU is not a polynomial"),
+                                            (nn.MaxPool2d(2), r"max is not a polynomial")])
+def test_an_unsupported_layer_is_refused_by_name(layer: nn.Module, why: str) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), layer, nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
+    if isinstance(layer, nn.MaxPool2d):
+        model[3] = nn.Linear(2 * 4 * 4, 2)
+
+    with pytest.raises(UnsupportedLayerError, match=rf"^1 \({type(layer).__name__}\): {why}"):
+        trace(model, image_shape=(1, 8, 8))
+
+
+def test_a_network_deeper_than_any_ring_is_refused_with_the_figures() -> None:
+    with pytest.raises(DepthError, match=r"needs multiplicative depth 30; .*\(N=32768, 881 bits\) allows 19"):
+        choose_params(30)
+
+
+def test_the_ring_is_the_smallest_that_holds_the_depth() -> None:
+    assert choose_params(2).poly_degree == 8192
+    assert choose_params(7).poly_degree == 16384
+    assert choose_params(8).poly_degree == 32768
+
+
+@pytest.mark.parametrize(("make", "shape"), [CASES[0], CASES[2], CASES[4]])
+def test_the_encrypted_forward_pass_matches_plaintext(make, shape) -> None:  # type: ignore[no-untyped-def]
+    net = trace(make(), image_shape=shape)
+    x = _images(shape, 1)
+    plan = build_plan(net, slots=SLOTS, calibration=x)
+    params = choose_params(plan.depth, min_slots=SLOTS)
+    ctx = make_context(params)
+    keygen = seal.KeyGenerator(ctx)
+    relin, galois = seal.RelinKeys(), seal.GaloisKeys()
+    keygen.create_relin_keys(relin)
+    keygen.create_galois_keys(plan.steps, galois)
+    encoder, encryptor = seal.CKKSEncoder(ctx), seal.Encryptor(ctx, keygen.secret_key())
+    cts = []
+    for v in plan.input_layout.pack(net.transform.apply(x)[0], params.slots):
+        pt, ct = seal.Plaintext(), seal.Ciphertext()
+        encoder.encode(v.tolist(), params.scale, pt)
+        encryptor.encrypt_symmetric(pt, ct)
+        cts.append(ct)
+
+    outs, timings = Engine(plan, params, ctx, relin, galois).run(cts)
+
+    decryptor = seal.Decryptor(ctx, keygen.secret_key())
+    got = []
+    for ct in outs:
+        pt = seal.Plaintext()
+        decryptor.decrypt(ct, pt)
+        got.append(encoder.decode_double(pt)[0])
+    ref = run_plain(net, x)[0]
+    np.testing.assert_allclose(got, ref, atol=HE_REL_TOL * np.abs(ref).max(), rtol=0)
+    assert [t.name for t in timings][-1] == net.dense.name
