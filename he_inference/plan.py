@@ -46,7 +46,7 @@ import torch
 from federation.errors import DepthError, UnsupportedLayerError
 from he_inference.ir import Act, AvgPool, Conv, Dense, Network, Op, Residual, Shape, run_plain
 
-__all__ = ["Instr", "Kind", "Layout", "Plan", "SlotSimulator", "build_plan"]
+__all__ = ["Instr", "Kind", "LayerStats", "Layout", "Plan", "SlotSimulator", "build_plan", "value_ranges"]
 
 Array = npt.NDArray[np.float64]
 
@@ -472,7 +472,7 @@ def _block(net: Network) -> tuple[int, int]:
     return hb, wb
 
 
-def _ranges(net: Network, calibration: Array | None) -> list[float]:
+def value_ranges(net: Network, calibration: Array | None) -> list[float]:
     """Max |value| entering each top-level op (calibration images; default: uniform noise)."""
     from he_inference.ir import _run_ops
 
@@ -502,7 +502,7 @@ def build_plan(net: Network, *, slots: int, calibration: Array | None = None) ->
     bld = _Builder(slots, block)
     inp = fresh_layout(net.input_shape, (1, 1), block=block, slots=slots)
     x = Tensor(inp, [([bld.reg(0) for _ in range(inp.n_ct)], np.ones(inp.shape[0]))], np.zeros(inp.shape[0]))
-    ranges = _ranges(net, calibration)
+    ranges = value_ranges(net, calibration)
     layers: list[tuple[str, int, int]] = []
 
     def run(ops: Sequence[Op], x: Tensor, rng: Sequence[float], target: Layout | None) -> Tensor:

@@ -8,9 +8,10 @@ import tenseal.sealapi as seal
 import torch
 from torch import nn
 
-from federation.errors import DepthError, UnsupportedLayerError
+from federation.errors import CiphertextError, DepthError, HEError, UnsupportedLayerError
 from federation.model import ArchConfig, PolyAct, Residual, build_model
 from he_inference.ckks import choose_params, make_context
+from he_inference.compiler import CompiledModel, compile_model
 from he_inference.engine import Engine
 from he_inference.ir import run_plain, trace
 from he_inference.plan import SlotSimulator, build_plan
@@ -146,3 +147,43 @@ def test_the_encrypted_forward_pass_matches_plaintext(make, shape) -> None:  # t
     ref = run_plain(net, x)[0]
     np.testing.assert_allclose(got, ref, atol=HE_REL_TOL * np.abs(ref).max(), rtol=0)
     assert [t.name for t in timings][-1] == net.dense.name
+
+
+def test_a_compiled_model_reloads_without_pytorch_and_runs_the_same(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = CASES[2].values[0]()
+    x = _images((1, 16, 16))
+    compiled = compile_model(model, calibration=x, image_shape=(1, 16, 16))
+
+    compiled.save(tmp_path / "m.he")
+    loaded = CompiledModel.load(tmp_path / "m.he")
+
+    assert loaded.params == compiled.params
+    assert loaded.plan.instrs == compiled.plan.instrs
+    got = SlotSimulator(loaded.plan).run(loaded.pack(x[0]))
+    np.testing.assert_allclose(got, run_plain(trace(model, image_shape=(1, 16, 16)), x[:1])[0], atol=SIM_TOL)
+
+
+def test_a_tampered_model_file_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    compiled = compile_model(CASES[0].values[0](), calibration=_images((1, 16, 16)))
+    data = bytearray(compiled.to_bytes())
+    data[-10] ^= 0xFF
+    (tmp_path / "bad.he").write_bytes(bytes(data))
+
+    with pytest.raises(CiphertextError, match="does not match its hash"):
+        CompiledModel.load(tmp_path / "bad.he")
+
+
+def test_values_beyond_the_ckks_headroom_are_refused_at_compile_time() -> None:
+    model = CASES[0].values[0]()
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e6)
+
+    with pytest.raises(HEError, match=r"values reach .* at classifier .* exceeds the CKKS headroom"):
+        compile_model(model, calibration=_images((1, 16, 16)))
+
+
+def test_a_model_too_deep_for_any_ring_is_refused_with_the_figures() -> None:
+    model = build_model(ArchConfig(input_size=128, channels=(2,) * 7, degree=3), seed=0).eval()  # 7 x 3 + 1
+
+    with pytest.raises(DepthError, match=r"needs multiplicative depth 22; the largest 128-bit ring .* allows 19"):
+        compile_model(model)
