@@ -108,6 +108,7 @@ class CentralDP(DifferentialPrivacyClientSideFixedClipping):
 
     def __init__(self, strategy: Strategy, *, plan: CentralDPPlan, ledger: PrivacyLedger,
                  rng: np.random.Generator | None = None, observer: CentralObserver | None = None) -> None:
+        # num_sampled_clients feeds only Flower's aggregate_fit, replaced here (noise uses the survivors)
         super().__init__(strategy, noise_multiplier=plan.noise_multiplier, clipping_norm=plan.clipping_norm,
                          num_sampled_clients=1)
         self.plan, self.ledger, self.observer = plan, ledger, observer

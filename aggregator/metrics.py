@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.common import Metrics, NDArrays, Scalar
@@ -23,6 +23,9 @@ from federation.config import RunConfig
 from federation.metrics import classification_metrics
 from federation.model import build_model
 from federation.storage import atomic_write_json, save_checkpoint
+
+if TYPE_CHECKING:
+    from aggregator.central_dp import CentralDP
 
 __all__ = ["RunRecorder"]
 
@@ -56,7 +59,7 @@ class RunRecorder:
         self.privacy_reports: list[dict[str, Any]] = []
         self._start = time.perf_counter()
         self.final: dict[str, Any] = {}
-        self.central: Any = None  # aggregator.central_dp.CentralDP when central DP is on
+        self.central: CentralDP | None = None  # set by the ServerApp when central DP is on
 
     # -- Flower callbacks (legacy strategy hooks) -------------------------------------------
     def aggregate_fit_metrics(self, results: Sequence[tuple[int, Metrics]]) -> Metrics:

@@ -23,8 +23,8 @@ from torch import nn
 from federation.errors import CiphertextError, DepthError, HEError
 from federation.storage import atomic_write_bytes
 from he_inference.ckks import MAX_BITS, CKKSParams, choose_params
-from he_inference.ir import InputTransform, Network, Shape, run_plain, trace
-from he_inference.plan import Instr, Kind, LayerStats, Layout, Plan, build_plan, value_ranges
+from he_inference.ir import InputTransform, Network, Shape, trace, value_ranges
+from he_inference.plan import Instr, Kind, LayerStats, Layout, Plan, build_plan
 
 __all__ = ["CompileOptions", "CompiledModel", "compile_model"]
 
@@ -159,9 +159,7 @@ def compile_model(model: nn.Module | Network, *, options: CompileOptions | None 
     """
     options = options or CompileOptions()
     net = model if isinstance(model, Network) else trace(model, image_shape=image_shape)
-    if calibration is None:
-        calibration = np.random.default_rng(0).uniform(0, 1, (8, *net.image_shape))
-    ranges = [*value_ranges(net, calibration), float(np.abs(run_plain(net, calibration)).max())]
+    ranges = value_ranges(net, calibration)  # op inputs, classifier input, logits
     worst = max(ranges) * options.range_margin
     limit = 2.0 ** (options.headroom_bits - 1)
     if worst >= limit:
@@ -173,7 +171,7 @@ def compile_model(model: nn.Module | Network, *, options: CompileOptions | None 
     last: DepthError | None = None
     for n in MAX_BITS:  # smallest ring first; a deeper or wider network moves up
         try:
-            plan = build_plan(net, slots=n // 2, calibration=calibration)
+            plan = build_plan(net, slots=n // 2, ranges=ranges)
         except DepthError as exc:  # a channel does not fit in n/2 slots
             last = exc
             continue

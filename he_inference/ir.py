@@ -33,8 +33,11 @@ __all__ = [
     "Network",
     "Op",
     "Residual",
+    "dense_logits",
+    "run_ops",
     "run_plain",
     "trace",
+    "value_ranges",
 ]
 
 Array = npt.NDArray[np.float64]
@@ -365,7 +368,8 @@ def trace(model: nn.Module, *, image_shape: Shape | None = None, classes: Sequen
 
 # -- plaintext reference --------------------------------------------------------------------------
 
-def _run_ops(ops: Sequence[Op], x: torch.Tensor) -> torch.Tensor:
+def run_ops(ops: Sequence[Op], x: torch.Tensor) -> torch.Tensor:
+    """Evaluate ``ops`` on a float64 batch (N, C, H, W) in plaintext."""
     f = torch.nn.functional
     for op in ops:
         if isinstance(op, Conv):
@@ -376,15 +380,35 @@ def _run_ops(ops: Sequence[Op], x: torch.Tensor) -> torch.Tensor:
             c = torch.from_numpy(op.coef)[:, None, :, None, None]
             x = sum((c[k] * x**k for k in range(op.degree + 1)), torch.zeros_like(x))
         else:
-            x = x + _run_ops(op.body, x)
+            x = x + run_ops(op.body, x)
     return x
+
+
+def dense_logits(dense: Dense, x: torch.Tensor) -> torch.Tensor:
+    """The classifier on a batch of feature maps."""
+    w = torch.from_numpy(dense.weight)
+    c, h, wd = w.shape[1:]
+    return x[:, :c, :h, :wd].flatten(1) @ w.flatten(1).T + torch.from_numpy(dense.bias)
 
 
 def run_plain(net: Network, images: Array) -> Array:
     """Logits of ``images`` (N, C, H, W in [0, 1]) through ``net`` in float64."""
-    x = torch.from_numpy(net.transform.apply(images))
-    x = _run_ops(net.ops, x)
-    w = torch.from_numpy(net.dense.weight)
-    c, h, wd = w.shape[1:]
-    logits = x[:, :c, :h, :wd].flatten(1) @ w.flatten(1).T + torch.from_numpy(net.dense.bias)
-    return logits.numpy()
+    x = run_ops(net.ops, torch.from_numpy(net.transform.apply(images)))
+    return dense_logits(net.dense, x).numpy()
+
+
+def value_ranges(net: Network, calibration: Array | None = None) -> list[float]:
+    """Max |value| entering each top-level op, then entering the classifier, then of the logits.
+
+    ``calibration``: images (N, C, H, W) in [0, 1]; default: uniform noise images.
+    """
+    if calibration is None:
+        calibration = np.random.default_rng(0).uniform(0, 1, (8, *net.image_shape))
+    x = torch.from_numpy(net.transform.apply(calibration))
+    out = []
+    for op in net.ops:
+        out.append(float(x.abs().max()))
+        x = run_ops([op], x)
+    out.append(float(x.abs().max()))
+    out.append(float(dense_logits(net.dense, x).abs().max()))
+    return out

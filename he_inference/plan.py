@@ -44,9 +44,9 @@ import numpy.typing as npt
 import torch
 
 from federation.errors import DepthError, UnsupportedLayerError
-from he_inference.ir import Act, AvgPool, Conv, Dense, Network, Op, Residual, Shape, run_plain
+from he_inference.ir import Act, AvgPool, Conv, Dense, Network, Op, Residual, Shape, value_ranges
 
-__all__ = ["Instr", "Kind", "LayerStats", "Layout", "Plan", "SlotSimulator", "build_plan", "value_ranges"]
+__all__ = ["Instr", "Kind", "LayerStats", "Layout", "Plan", "SlotSimulator", "build_plan"]
 
 Array = npt.NDArray[np.float64]
 
@@ -262,7 +262,7 @@ def _conv_contributions(conv: Conv, x: Tensor, out: Layout, slots: int) -> list[
     return contributions
 
 
-def _choose_giant(contribs: Sequence[_Contribution], slots: int, row: int) -> tuple[int, float]:
+def _choose_giant(contribs: Sequence[_Contribution], slots: int, row: int) -> int:
     """The giant step G minimising ROTATION_COST x rotations + masks."""
     candidates = {1, slots} | {2**k for k in range(int(math.log2(slots)) + 1)} | {row * 2**k for k in range(12)
                                                                                   if row * 2**k <= slots}
@@ -282,14 +282,14 @@ def _choose_giant(contribs: Sequence[_Contribution], slots: int, row: int) -> tu
         cost = ROTATION_COST * (len(babies) + len(giants)) + len(masks)
         if cost < best[0]:
             best = (cost, g)
-    return best[1], best[0]
+    return best[1]
 
 
 def _emit_linear(bld: _Builder, x: Tensor, contribs: Sequence[_Contribution], out: Layout,
                  bias: Array) -> Tensor:
     """Emit rotations, masked products and giant-step sums; add the bias map."""
     slots = bld.slots
-    g, _ = _choose_giant(contribs, slots, out.row)
+    g = _choose_giant(contribs, slots, out.row)
     # every term at the same level first: the engine mod-switches operands of one MULACC down
     grouped: dict[int, dict[int, dict[tuple[int, int, int], Array]]] = defaultdict(lambda: defaultdict(dict))
     for c in contribs:
@@ -472,23 +472,12 @@ def _block(net: Network) -> tuple[int, int]:
     return hb, wb
 
 
-def value_ranges(net: Network, calibration: Array | None) -> list[float]:
-    """Max |value| entering each top-level op (calibration images; default: uniform noise)."""
-    from he_inference.ir import _run_ops
-
-    if calibration is None:
-        calibration = np.random.default_rng(0).uniform(0, 1, (8, *net.image_shape))
-    x = torch.from_numpy(net.transform.apply(calibration))
-    out = []
-    for op in net.ops:
-        out.append(float(x.abs().max()))
-        x = _run_ops([op], x)
-    out.append(float(x.abs().max()))
-    return out
-
-
-def build_plan(net: Network, *, slots: int, calibration: Array | None = None) -> Plan:
+def build_plan(net: Network, *, slots: int, calibration: Array | None = None,
+               ranges: Sequence[float] | None = None) -> Plan:
     """Pack and schedule ``net`` for ciphertexts of ``slots`` slots.
+
+    ``ranges`` (from :func:`~he_inference.ir.value_ranges`) bound the activations' inputs;
+    without them they are computed on ``calibration``.
 
     Raises
     ------
@@ -502,15 +491,16 @@ def build_plan(net: Network, *, slots: int, calibration: Array | None = None) ->
     bld = _Builder(slots, block)
     inp = fresh_layout(net.input_shape, (1, 1), block=block, slots=slots)
     x = Tensor(inp, [([bld.reg(0) for _ in range(inp.n_ct)], np.ones(inp.shape[0]))], np.zeros(inp.shape[0]))
-    ranges = value_ranges(net, calibration)
+    if ranges is None:
+        ranges = value_ranges(net, calibration)
     layers: list[tuple[str, int, int]] = []
 
     def run(ops: Sequence[Op], x: Tensor, rng: Sequence[float], target: Layout | None) -> Tensor:
+        last_conv = max((i for i, o in enumerate(ops) if isinstance(o, Conv)), default=-1)
         for idx, op in enumerate(ops):
             start = len(bld.instrs)
-            last_linear = target is not None and idx == max(i for i, o in enumerate(ops) if isinstance(o, Conv))
             if isinstance(op, Conv):
-                x = _conv(bld, op, x, target if last_linear else None)
+                x = _conv(bld, op, x, target if idx == last_conv else None)
             elif isinstance(op, AvgPool):
                 x = _pool(bld, op, x)
             elif isinstance(op, Act):
@@ -573,8 +563,3 @@ class SlotSimulator:
             for r in free.get(idx, []):
                 regs.pop(r, None)
         return np.array([regs[r][0] for r in self.plan.outputs])
-
-
-def plain_logits(net: Network, images: Array) -> Array:
-    """Re-export of :func:`he_inference.ir.run_plain` for symmetry with the simulator."""
-    return run_plain(net, images)
