@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,12 @@ class CompiledModel:
     transform: InputTransform
     classes: tuple[str, ...]
     calibrated_max: float
+    _blob: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the ``.he`` file: ciphertexts are bound to it."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def pack(self, images: Array) -> list[Array]:
         """Slot vectors of one image (C, H, W) in [0, 1], ready to encode (client side)."""
@@ -59,7 +65,12 @@ class CompiledModel:
 
     # -- (de)serialisation -----------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """The ``.he`` file's content: a JSON header and the sparse masks, in one npz."""
+        """The ``.he`` file's content: a JSON header and the sparse masks, in one npz (built once)."""
+        if self._blob is None:
+            self._blob = self._serialise()
+        return self._blob
+
+    def _serialise(self) -> bytes:
         masks = self.plan.masks
         nz = [np.flatnonzero(m) for m in masks]
         header = {
@@ -121,7 +132,7 @@ class CompiledModel:
                     [tuple(x) for x in p["layers"]], p["depth"], list(p["steps"]), p["n_registers"],
                     [LayerStats(**s) for s in p["stats"]])
         return cls(params, plan, tuple(header["image_shape"]), InputTransform(**header["transform"]),
-                   tuple(header["classes"]), float(header["calibrated_max"]))
+                   tuple(header["classes"]), float(header["calibrated_max"]), bytes(data))
 
     @classmethod
     def load(cls, path: Path) -> CompiledModel:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import tenseal.sealapi as seal
 
 from federation.errors import CiphertextError
-from he_inference.ckks import CKKSParams
+from he_inference.keys import PublicKeys, require_public
 from he_inference.plan import Kind, Plan
 
 __all__ = ["Engine", "LayerTiming"]
@@ -39,22 +39,35 @@ class LayerTiming:
 class Engine:
     """The encrypted forward pass of one compiled model under one set of public keys."""
 
-    def __init__(self, plan: Plan, params: CKKSParams, context: seal.SEALContext, relin: seal.RelinKeys,
-                 galois: seal.GaloisKeys, *, progress: Callable[[str], None] | None = None) -> None:
-        self.plan, self.params, self.ctx = plan, params, context
-        self.relin, self.galois = relin, galois
-        self.evaluator = seal.Evaluator(context)
-        self.encoder = seal.CKKSEncoder(context)
+    def __init__(self, plan: Plan, keys: PublicKeys, *, instrs: Collection[int] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        """Check the keys against the plan and encode the plaintexts of ``instrs`` (default: all)."""
+        keys = require_public(keys)
+        keys.require_steps(plan.steps)
+        self.plan, self.params, self.ctx = plan, keys.params, keys.context
+        self.relin, self.galois = keys.relin, keys.galois
+        self.evaluator = seal.Evaluator(self.ctx)
+        self.encoder = seal.CKKSEncoder(self.ctx)
         self._levels = self._level_table()
         self._symbolic()
         start = time.perf_counter()
         self._plain: dict[tuple[int, int], seal.Plaintext] = {}
-        for idx, ins in enumerate(plan.instrs):
-            for pos, m in enumerate(ins.masks):
+        todo = range(len(plan.instrs)) if instrs is None else sorted(instrs)
+        for n, idx in enumerate(todo):
+            for pos, m in enumerate(plan.instrs[idx].masks):
                 self._plain[(idx, pos)] = self._encode(plan.masks[m], *self._mask_at[(idx, pos)])
-            if progress is not None and idx % 500 == 0:
-                progress(f"encoding plaintexts {idx}/{len(plan.instrs)}")
+            if progress is not None and n % 500 == 0:
+                progress(f"encoding plaintexts {n}/{len(todo)}")
         self.encode_seconds = time.perf_counter() - start
+
+    @property
+    def top_level(self) -> int:
+        """Chain index of fresh ciphertexts."""
+        return len(self._levels) - 1
+
+    def operand_level(self, idx: int) -> int:
+        """The level instruction ``idx`` works at (counted from the bottom of the chain)."""
+        return self._operand_level[idx]
 
     # -- symbolic levels and scales --------------------------------------------------------
     def _level_table(self) -> list[tuple[object, float]]:
@@ -112,12 +125,46 @@ class Engine:
         self.evaluator.mod_switch_to(ct, target, out)
         return out
 
+    def execute(self, regs: dict[int, seal.Ciphertext], indices: Iterable[int], counts: Counter[str]) -> None:
+        """Run the instructions ``indices`` (in order) on the registers ``regs``, in place."""
+        ev = self.evaluator
+        for idx in indices:
+            ins = self.plan.instrs[idx]
+            lv = self._operand_level[idx]
+            srcs = [self._to_level(regs[s], lv) for s in ins.srcs]
+            out = seal.Ciphertext()
+            if ins.kind is Kind.ROT:
+                ev.rotate_vector(srcs[0], ins.step, self.galois, out)
+            elif ins.kind is Kind.MULACC:
+                tmp = seal.Ciphertext()
+                for pos, ct in enumerate(srcs):
+                    if pos == 0:
+                        ev.multiply_plain(ct, self._plain[(idx, 0)], out)
+                    else:
+                        ev.multiply_plain(ct, self._plain[(idx, pos)], tmp)
+                        ev.add_inplace(out, tmp)
+                ev.rescale_to_next_inplace(out)
+                out.scale = self.params.scale
+            elif ins.kind is Kind.ADD:
+                ev.add_many(srcs, out)
+            elif ins.kind is Kind.ADD_PLAIN:
+                ev.add_plain(srcs[0], self._plain[(idx, 0)], out)
+            elif ins.kind is Kind.SQUARE:
+                ev.square(srcs[0], out)
+                ev.relinearize_inplace(out, self.relin)
+                ev.rescale_to_next_inplace(out)
+            else:
+                ev.multiply(srcs[0], srcs[1], out)
+                ev.relinearize_inplace(out, self.relin)
+                ev.rescale_to_next_inplace(out)
+            counts[ins.kind.value] += len(ins.masks) if ins.kind is Kind.MULACC else 1
+            regs[ins.dst] = out
+
     def run(self, inputs: Sequence[seal.Ciphertext], *, progress: Callable[[str, int, int], None] | None = None
             ) -> tuple[list[seal.Ciphertext], list[LayerTiming]]:
         """Evaluate the plan; returns the output ciphertexts (one per class) and per-layer timings."""
         if len(inputs) != self.plan.n_inputs:
             raise CiphertextError(f"the model takes {self.plan.n_inputs} input ciphertexts, got {len(inputs)}")
-        ev = self.evaluator
         regs: dict[int, seal.Ciphertext] = dict(enumerate(inputs))
         free = self.plan.free_after()
         timings = []
@@ -125,36 +172,7 @@ class Engine:
             t0 = time.perf_counter()
             timing = LayerTiming(name)
             for idx in range(start, end):
-                ins = self.plan.instrs[idx]
-                lv = self._operand_level[idx]
-                srcs = [self._to_level(regs[s], lv) for s in ins.srcs]
-                out = seal.Ciphertext()
-                if ins.kind is Kind.ROT:
-                    ev.rotate_vector(srcs[0], ins.step, self.galois, out)
-                elif ins.kind is Kind.MULACC:
-                    tmp = seal.Ciphertext()
-                    for pos, ct in enumerate(srcs):
-                        if pos == 0:
-                            ev.multiply_plain(ct, self._plain[(idx, 0)], out)
-                        else:
-                            ev.multiply_plain(ct, self._plain[(idx, pos)], tmp)
-                            ev.add_inplace(out, tmp)
-                    ev.rescale_to_next_inplace(out)
-                    out.scale = self.params.scale
-                elif ins.kind is Kind.ADD:
-                    ev.add_many(srcs, out)
-                elif ins.kind is Kind.ADD_PLAIN:
-                    ev.add_plain(srcs[0], self._plain[(idx, 0)], out)
-                elif ins.kind is Kind.SQUARE:
-                    ev.square(srcs[0], out)
-                    ev.relinearize_inplace(out, self.relin)
-                    ev.rescale_to_next_inplace(out)
-                else:
-                    ev.multiply(srcs[0], srcs[1], out)
-                    ev.relinearize_inplace(out, self.relin)
-                    ev.rescale_to_next_inplace(out)
-                timing.counts[ins.kind.value] += len(ins.masks) if ins.kind is Kind.MULACC else 1
-                regs[ins.dst] = out
+                self.execute(regs, (idx,), timing.counts)
                 for r in free.get(idx, []):
                     regs.pop(r, None)
             timing.seconds = time.perf_counter() - t0

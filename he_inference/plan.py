@@ -511,6 +511,7 @@ def build_plan(net: Network, *, slots: int, calibration: Array | None = None,
                 body = run(op.body, Tensor(x.layout, list(x.terms), x.const.copy()), [rng[idx]] * len(op.body),
                            x.layout)
                 x = Tensor(x.layout, list(x.terms) + body.terms, x.const + body.const)
+                continue  # a residual add is a term union: no instructions of its own (its body's layers are listed)
             layers.append((op.name, start, len(bld.instrs)))
         return x
 
@@ -541,25 +542,30 @@ class SlotSimulator:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
 
+    def apply(self, idx: int, regs: dict[int, Array]) -> None:
+        """Execute instruction ``idx`` on ``regs`` in place."""
+        ins = self.plan.instrs[idx]
+        a = [regs[s] for s in ins.srcs]
+        if ins.kind is Kind.ROT:
+            v = np.roll(a[0], -ins.step)
+        elif ins.kind is Kind.MULACC:
+            v = sum((s * self.plan.masks[m] for s, m in zip(a, ins.masks, strict=True)), np.zeros(self.plan.slots))
+        elif ins.kind is Kind.ADD:
+            v = np.sum(a, axis=0)
+        elif ins.kind is Kind.ADD_PLAIN:
+            v = a[0] + self.plan.masks[ins.masks[0]]
+        elif ins.kind is Kind.SQUARE:
+            v = a[0] * a[0]
+        else:
+            v = a[0] * a[1]
+        regs[ins.dst] = v
+
     def run(self, inputs: Sequence[Array]) -> Array:
         """Logits from packed input vectors."""
         regs: dict[int, Array] = dict(enumerate(inputs))
         free = self.plan.free_after()
-        for idx, ins in enumerate(self.plan.instrs):
-            a = [regs[s] for s in ins.srcs]
-            if ins.kind is Kind.ROT:
-                v = np.roll(a[0], -ins.step)
-            elif ins.kind is Kind.MULACC:
-                v = sum((s * self.plan.masks[m] for s, m in zip(a, ins.masks, strict=True)), np.zeros(self.plan.slots))
-            elif ins.kind is Kind.ADD:
-                v = np.sum(a, axis=0)
-            elif ins.kind is Kind.ADD_PLAIN:
-                v = a[0] + self.plan.masks[ins.masks[0]]
-            elif ins.kind is Kind.SQUARE:
-                v = a[0] * a[0]
-            else:
-                v = a[0] * a[1]
-            regs[ins.dst] = v
+        for idx in range(len(self.plan.instrs)):
+            self.apply(idx, regs)
             for r in free.get(idx, []):
                 regs.pop(r, None)
         return np.array([regs[r][0] for r in self.plan.outputs])

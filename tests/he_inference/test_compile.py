@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tenseal.sealapi as seal
 import torch
 from torch import nn
 
 from federation.errors import CiphertextError, DepthError, HEError, UnsupportedLayerError
 from federation.model import ArchConfig, PolyAct, Residual, build_model
-from he_inference.ckks import choose_params, make_context
+from he_inference.ckks import choose_params
 from he_inference.compiler import CompiledModel, compile_model
-from he_inference.engine import Engine
 from he_inference.ir import run_plain, trace
+from he_inference.keys import SecretKeys
 from he_inference.plan import SlotSimulator, build_plan
+from he_inference.server import InferenceServer, decrypt_logits, encrypt_image
 
 TRACE_TOL = 1e-5        # float32 PyTorch vs the float64 traced network
 SIM_TOL = 1e-9          # the slot simulator is exact up to float64 rounding
@@ -121,29 +121,11 @@ def test_the_ring_is_the_smallest_that_holds_the_depth() -> None:
 def test_the_encrypted_forward_pass_matches_plaintext(make, shape) -> None:  # type: ignore[no-untyped-def]
     net = trace(make(), image_shape=shape)
     x = _images(shape, 1)
-    plan = build_plan(net, slots=SLOTS, calibration=x)
-    params = choose_params(plan.depth, min_slots=SLOTS)
-    ctx = make_context(params)
-    keygen = seal.KeyGenerator(ctx)
-    relin, galois = seal.RelinKeys(), seal.GaloisKeys()
-    keygen.create_relin_keys(relin)
-    keygen.create_galois_keys(plan.steps, galois)
-    encoder, encryptor = seal.CKKSEncoder(ctx), seal.Encryptor(ctx, keygen.secret_key())
-    cts = []
-    for v in plan.input_layout.pack(net.transform.apply(x)[0], params.slots):
-        pt, ct = seal.Plaintext(), seal.Ciphertext()
-        encoder.encode(v.tolist(), params.scale, pt)
-        encryptor.encrypt_symmetric(pt, ct)
-        cts.append(ct)
-
-    outs, timings = Engine(plan, params, ctx, relin, galois).run(cts)
-
-    decryptor = seal.Decryptor(ctx, keygen.secret_key())
-    got = []
-    for ct in outs:
-        pt = seal.Plaintext()
-        decryptor.decrypt(ct, pt)
-        got.append(encoder.decode_double(pt)[0])
+    model = compile_model(net, calibration=x)
+    keys = SecretKeys.generate(model.params, model.plan.steps)
+    with InferenceServer(model, keys.public()) as server:
+        reply, timings = server.infer(encrypt_image(model, keys, x[0]))
+    got = decrypt_logits(model, keys, reply)
     ref = run_plain(net, x)[0]
     np.testing.assert_allclose(got, ref, atol=HE_REL_TOL * np.abs(ref).max(), rtol=0)
     assert [t.name for t in timings][-1] == net.dense.name

@@ -1,0 +1,217 @@
+"""Key material as types: the client's :class:`SecretKeys` and the server's :class:`PublicKeys`.
+
+The split is structural. :class:`PublicKeys` has no field that could hold a secret key and
+is built only from a ``public-keys`` container, which :meth:`SecretKeys.public_bytes`
+writes with the relinearisation key and the Galois keys of the plan's rotation steps,
+nothing else. Every server-side entry point calls :func:`require_public`, which refuses
+anything that is not a :class:`PublicKeys` (a :class:`SecretKeys`, a TenSEAL context, a
+raw SEAL secret key) with a :class:`KeyMaterialError`. Encryption is symmetric and
+seeded (SEAL ships half of each fresh ciphertext as a PRNG seed), which halves the upload.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import tenseal.sealapi as seal
+
+from federation.errors import CiphertextError, KeyMaterialError
+from federation.storage import atomic_write_bytes
+from he_inference.ckks import CKKSParams, make_context
+from he_inference.serial import pack, seal_load, seal_to_bytes, unpack
+
+__all__ = [
+    "INPUT_KIND", "OUTPUT_KIND", "PublicKeys", "SecretKeys", "galois_elements", "require_public",
+]
+
+SECRET_KIND, PUBLIC_KIND = "secret-keys", "public-keys"
+INPUT_KIND, OUTPUT_KIND = "encrypted-image", "encrypted-logits"
+SECRET_FILE, PUBLIC_FILE = "secret.key", "public.keys"
+Array = npt.NDArray[np.float64]
+
+
+def galois_elements(steps: Sequence[int], poly_degree: int) -> list[int]:
+    """SEAL's Galois element of each left rotation step (generator 3 modulo 2N).
+
+    Passed as elements, never as steps: ``create_galois_keys(list[int])`` binds to the
+    element overload, so steps given there would silently create the wrong keys.
+    """
+    slots, m = poly_degree // 2, 2 * poly_degree
+    return sorted({pow(3, int(s) % slots, m) for s in steps})
+
+
+def require_public(keys: object) -> PublicKeys:
+    """``keys`` if it is server-side material; otherwise a KeyMaterialError naming what it is."""
+    if isinstance(keys, PublicKeys):
+        return keys
+    if isinstance(keys, SecretKeys):
+        raise KeyMaterialError("the server was handed the client's SecretKeys; it takes only PublicKeys "
+                               "(SecretKeys.public() or the public.keys file)")
+    if hasattr(keys, "is_private") and callable(keys.is_private):
+        raise KeyMaterialError("the server takes privrad PublicKeys, not a TenSEAL context"
+                               + (" (this one holds a secret key)" if keys.is_private() else ""))
+    raise KeyMaterialError(f"the server takes privrad PublicKeys, got {type(keys).__name__}")
+
+
+@dataclass(frozen=True)
+class PublicKeys:
+    """Evaluation keys (relinearisation + the plan's Galois keys) for one set of CKKS parameters."""
+
+    params: CKKSParams
+    context: seal.SEALContext
+    relin: seal.RelinKeys
+    galois: seal.GaloisKeys
+    elements: tuple[int, ...]
+    blob: bytes = field(repr=False)   # the serialised form, as received
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the serialised evaluation keys."""
+        return len(self.blob)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, params: CKKSParams, *, source: str = "<bytes>") -> PublicKeys:
+        """Load a ``public-keys`` container; a secret key file is refused outright."""
+        if data.startswith(b"PRIVRAD-HE " + SECRET_KIND.encode()):
+            raise KeyMaterialError(f"{source} is the client's secret key file; the server takes only "
+                                   f"the public evaluation keys ({PUBLIC_FILE})")
+        head, parts = unpack(data, PUBLIC_KIND, source=source, params_sha256=params.digest())
+        if set(parts) != {"relin", "galois"}:
+            raise KeyMaterialError(f"{source}: unexpected key parts {sorted(parts)}")
+        ctx = make_context(params)
+        relin = seal_load(seal.RelinKeys, ctx, parts["relin"], what=f"{source} (relinearisation key)")
+        galois = seal_load(seal.GaloisKeys, ctx, parts["galois"], what=f"{source} (Galois keys)")
+        elements = tuple(int(e) for e in head["galois_elements"])
+        missing = [e for e in elements if not galois.has_key(e)]
+        if missing:
+            raise CiphertextError(f"{source}: lists Galois elements it does not hold: {missing[:5]}")
+        return cls(params, ctx, relin, galois, elements, bytes(data))
+
+    @classmethod
+    def load(cls, path: Path, params: CKKSParams) -> PublicKeys:
+        """Read ``public.keys`` (or a directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / PUBLIC_FILE).is_file():
+                path = path / PUBLIC_FILE
+            elif (path / SECRET_FILE).is_file():
+                raise KeyMaterialError(f"{path} holds a secret key and no {PUBLIC_FILE}; pass the public keys")
+        if not path.is_file():
+            raise KeyMaterialError(f"{path}: no such key file")
+        return cls.from_bytes(path.read_bytes(), params, source=str(path))
+
+    def require_steps(self, steps: Sequence[int]) -> None:
+        """Refuse keys that lack a rotation the plan performs (keys made for another model)."""
+        missing = sorted(set(galois_elements(steps, self.params.poly_degree)) - set(self.elements))
+        if missing:
+            raise KeyMaterialError(f"the evaluation keys lack {len(missing)} of the model's rotations: they were "
+                                   "generated for another model (run `privrad he keygen` for this one)")
+
+
+class SecretKeys:
+    """The client's key set. Only :meth:`public_bytes` / :meth:`public` ever leave it."""
+
+    def __init__(self, params: CKKSParams, context: seal.SEALContext, secret: seal.SecretKey,
+                 public_blob: bytes) -> None:
+        self.params, self._context, self._secret = params, context, secret
+        self._public_blob = public_blob
+        self._encoder = seal.CKKSEncoder(context)
+
+    def __repr__(self) -> str:
+        return f"SecretKeys(N={self.params.poly_degree}, params {self.params.digest()[:12]}…)"
+
+    def __getstate__(self) -> Any:
+        raise KeyMaterialError("SecretKeys cannot be pickled: the secret key never leaves the client "
+                               "(save it with SecretKeys.save to the client's own disk)")
+
+    # -- generation and storage ----------------------------------------------------------
+    @classmethod
+    def generate(cls, params: CKKSParams, steps: Sequence[int]) -> SecretKeys:
+        """A fresh secret key and the public evaluation keys for the rotation ``steps`` (seeded, compact)."""
+        ctx = make_context(params)
+        keygen = seal.KeyGenerator(ctx)
+        elements = galois_elements(steps, params.poly_degree)
+        relin = seal_to_bytes(keygen.create_relin_keys())
+        galois = seal_to_bytes(keygen.create_galois_keys(elements)) if elements else seal_to_bytes(seal.GaloisKeys())
+        blob = pack(PUBLIC_KIND, [("relin", relin), ("galois", galois)], params_sha256=params.digest(),
+                    galois_elements=elements, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return cls(params, ctx, keygen.secret_key(), blob)
+
+    def public_bytes(self) -> bytes:
+        """The server's share: evaluation keys only."""
+        return self._public_blob
+
+    def public(self) -> PublicKeys:
+        """The evaluation keys as the server loads them."""
+        return PublicKeys.from_bytes(self._public_blob, self.params, source="SecretKeys.public()")
+
+    def save(self, directory: Path) -> tuple[Path, Path]:
+        """Write ``secret.key`` (owner-only permissions) and ``public.keys`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        secret = pack(SECRET_KIND, [("secret", seal_to_bytes(self._secret)), ("public", self._public_blob)],
+                      params_sha256=self.params.digest())
+        spath, ppath = directory / SECRET_FILE, directory / PUBLIC_FILE
+        atomic_write_bytes(spath, secret)
+        os.chmod(spath, 0o600)
+        atomic_write_bytes(ppath, self._public_blob)
+        return spath, ppath
+
+    @classmethod
+    def load(cls, path: Path, params: CKKSParams) -> SecretKeys:
+        """Read ``secret.key`` (or the key directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / SECRET_FILE
+        if not path.is_file():
+            raise KeyMaterialError(f"{path}: no such secret key file (run `privrad he keygen`)")
+        _, parts = unpack(path.read_bytes(), SECRET_KIND, source=str(path), params_sha256=params.digest())
+        ctx = make_context(params)
+        secret = seal_load(seal.SecretKey, ctx, parts["secret"], what=f"{path} (secret key)")
+        return cls(params, ctx, secret, parts["public"])
+
+    # -- client-side encryption -----------------------------------------------------------
+    def encrypt(self, vectors: Sequence[Array], *, model_sha256: str) -> bytes:
+        """Seeded symmetric encryptions of packed slot vectors, bound to the params and the model."""
+        encryptor = seal.Encryptor(self._context, self._secret)
+        parts = []
+        for n, v in enumerate(vectors):
+            if len(v) != self.params.slots:
+                raise CiphertextError(f"slot vector {n} has {len(v)} values, the ring has {self.params.slots} slots")
+            pt = seal.Plaintext()
+            self._encoder.encode(np.asarray(v, dtype=np.float64).tolist(), self.params.scale, pt)
+            parts.append((f"ct{n}", seal_to_bytes(encryptor.encrypt_symmetric(pt))))
+        return pack(INPUT_KIND, parts, params_sha256=self.params.digest(), model_sha256=model_sha256)
+
+    def decrypt(self, data: bytes, *, model_sha256: str, source: str = "<bytes>") -> Array:
+        """The logits in an ``encrypted-logits`` container (slot 0 of each class's ciphertext)."""
+        _, parts = unpack(data, OUTPUT_KIND, source=source, params_sha256=self.params.digest(),
+                          model_sha256=model_sha256)
+        decryptor = seal.Decryptor(self._context, self._secret)
+        out = []
+        for name, blob in parts.items():
+            ct = seal_load(seal.Ciphertext, self._context, blob, what=f"{source} ({name})")
+            pt = seal.Plaintext()
+            decryptor.decrypt(ct, pt)
+            out.append(self._encoder.decode_double(pt)[0])
+        return np.asarray(out)
+
+
+def load_ciphertexts(data: bytes, kind: str, params: CKKSParams, context: seal.SEALContext, *, model_sha256: str,
+                     source: str = "<bytes>") -> list[seal.Ciphertext]:
+    """The ciphertexts of a container (server side: input images; client side: logits)."""
+    _, parts = unpack(data, kind, source=source, params_sha256=params.digest(), model_sha256=model_sha256)
+    return [seal_load(seal.Ciphertext, context, blob, what=f"{source} ({name})") for name, blob in parts.items()]
+
+
+def pack_ciphertexts(cts: Sequence[seal.Ciphertext], kind: str, params: CKKSParams, *, model_sha256: str) -> bytes:
+    """Serialise ciphertexts into a container of ``kind``."""
+    return pack(kind, [(f"ct{n}", seal_to_bytes(ct)) for n, ct in enumerate(cts)],
+                params_sha256=params.digest(), model_sha256=model_sha256)

@@ -1,0 +1,297 @@
+"""The encrypted forward pass on several cores.
+
+SEAL calls through ``tenseal.sealapi`` hold the GIL (threads gain nothing), so the plan is
+split across worker processes. Per layer, the ciphertexts the layer hands on are divided
+among the workers by estimated cost; each worker runs every instruction its share depends
+on (cheap shared work such as a convolution's baby-step rotations is duplicated rather than
+shipped), and a ciphertext a worker needs from another is written once to a RAM file by its
+producer and read by the consumer. One barrier per layer; each worker pre-encodes only the
+plaintexts of its own instructions, so memory is split too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import tenseal.sealapi as seal
+
+from federation.errors import CiphertextError, HEError
+from he_inference.engine import Engine, LayerTiming
+from he_inference.keys import INPUT_KIND, OUTPUT_KIND, PublicKeys, load_ciphertexts, require_public
+from he_inference.plan import Kind, Plan
+from he_inference.serial import pack, unpack
+
+__all__ = ["ParallelEngine", "WorkerTask", "instr_cost", "schedule"]
+
+# Relative costs (one plaintext multiplication at the top level = 1), from ../notes/ckks-costs.
+_COST = {Kind.ROT: 20.0, Kind.SQUARE: 26.0, Kind.MUL: 26.0, Kind.ADD_PLAIN: 0.4}
+TRANSFER_COST = 12.0   # save (compressing) + load of one ciphertext
+
+
+def instr_cost(plan: Plan, idx: int, level: int, top: int) -> float:
+    """Estimated cost of one instruction at ``level``: SEAL's work is linear in the primes left."""
+    ins = plan.instrs[idx]
+    if ins.kind is Kind.MULACC:
+        base = 1.4 * len(ins.srcs) + 4.0
+    elif ins.kind is Kind.ADD:
+        base = 0.4 * (len(ins.srcs) - 1)
+    else:
+        base = _COST[ins.kind]
+    return base * (level + 2) / (top + 2)
+
+
+@dataclass
+class WorkerTask:
+    """What one worker does in one layer: read ``loads`` (register, from worker), run ``instrs``, write ``saves``."""
+
+    loads: list[tuple[int, int]] = field(default_factory=list)
+    instrs: list[int] = field(default_factory=list)
+    saves: list[int] = field(default_factory=list)
+    drop: list[int] = field(default_factory=list)
+    cost: float = 0.0
+
+
+def schedule(plan: Plan, workers: int, cost: Callable[[int], float]) -> list[list[WorkerTask]]:
+    """Per layer, per worker: the instructions, transfers and releases (see the module docstring).
+
+    Every instruction runs on at least one worker; the plan's outputs are saved by a worker
+    holding them (the caller collects them).
+    """
+    producer: dict[int, int] = {}
+    layer_of: dict[int, int] = {r: -1 for r in range(plan.n_inputs)}
+    for li, (_, s, e) in enumerate(plan.layers):
+        for idx in range(s, e):
+            producer[plan.instrs[idx].dst] = idx
+            layer_of[plan.instrs[idx].dst] = li
+    last_read: dict[int, int] = {}
+    for li, (_, s, e) in enumerate(plan.layers):
+        for idx in range(s, e):
+            for r in plan.instrs[idx].srcs:
+                last_read[r] = li
+    outputs = set(plan.outputs)
+    where: dict[int, set[int]] = {r: set(range(workers)) for r in range(plan.n_inputs)}
+    made: dict[int, set[int]] = {}
+    tasks = [[WorkerTask() for _ in range(workers)] for _ in plan.layers]
+    for li, (_, s, e) in enumerate(plan.layers):
+        handed_on = [plan.instrs[i].dst for i in range(s, e)
+                     if last_read.get(plan.instrs[i].dst, -1) > li or plan.instrs[i].dst in outputs]
+        cones = {r: _cone(plan, producer, r, s) for r in handed_on}
+        chosen: list[set[int]] = [set() for _ in range(workers)]
+        load = [0.0] * workers
+        for r in sorted(handed_on, key=lambda r: -sum(cost(i) for i in cones[r])):
+            extra = [_added(plan, producer, where, cones[r] - chosen[k], s, k, cost) for k in range(workers)]
+            k = min(range(workers), key=lambda k: (load[k] + extra[k], k))
+            load[k] += extra[k]
+            chosen[k] |= cones[r]
+        for k in range(workers):
+            t = tasks[li][k]
+            t.instrs, t.cost = sorted(chosen[k]), load[k]
+            ext = sorted({x for i in t.instrs for x in plan.instrs[i].srcs if x not in producer or producer[x] < s})
+            for x in ext:
+                if k not in where[x]:
+                    src = min(made[x])  # a worker that computed it, in its own layer
+                    t.loads.append((x, src))
+                    tasks[layer_of[x]][src].saves.append(x)
+                    where[x].add(k)
+        for k in range(workers):
+            for i in tasks[li][k].instrs:
+                where.setdefault(plan.instrs[i].dst, set()).add(k)
+                made.setdefault(plan.instrs[i].dst, set()).add(k)
+    for r in plan.outputs:  # the caller collects every output from one worker's file
+        k = min(made[r])
+        tasks[layer_of[r]][k].saves.append(r)
+    for r, li in layer_of.items():  # release a register after the last layer that reads or ships it
+        end = max(last_read.get(r, li), li)
+        for k in range(workers):
+            tasks[end][k].drop.append(r)
+    for row in tasks:
+        for t in row:
+            t.saves = sorted(set(t.saves))
+            t.drop = sorted(set(t.drop) - set(t.saves) - outputs)
+    return tasks
+
+
+def _added(plan: Plan, producer: dict[int, int], where: dict[int, set[int]], fresh: set[int], start: int, k: int,
+           cost: Callable[[int], float]) -> float:
+    """Cost for worker ``k`` to also run ``fresh``: the instructions plus the inputs it must fetch."""
+    ext = {x for i in fresh for x in plan.instrs[i].srcs if x not in producer or producer[x] < start}
+    return sum(cost(i) for i in fresh) + TRANSFER_COST * sum(k not in where[x] for x in ext)
+
+
+def _cone(plan: Plan, producer: dict[int, int], reg: int, start: int) -> set[int]:
+    """Instructions of the current layer (index >= start) that ``reg`` depends on."""
+    out: set[int] = set()
+    stack = [reg]
+    while stack:
+        r = stack.pop()
+        idx = producer.get(r, -1)
+        if idx < start or idx in out:
+            continue
+        out.add(idx)
+        stack.extend(plan.instrs[idx].srcs)
+    return out
+
+
+# -- the worker process ----------------------------------------------------------------------
+def _worker(conn: Connection, model_path: str, keys_blob: bytes, me: int, workers: int) -> None:
+    try:
+        from he_inference.compiler import CompiledModel
+        model = CompiledModel.load(Path(model_path))
+        keys = PublicKeys.from_bytes(keys_blob, model.params, source="public keys")
+        probe = Engine(model.plan, keys, instrs=())
+        top = probe.top_level
+        tasks = schedule(model.plan, workers, lambda i: instr_cost(model.plan, i, probe.operand_level(i), top))
+        mine = {i for row in tasks for i in row[me].instrs}
+        engine = Engine(model.plan, keys, instrs=mine)
+        conn.send(("ready", engine.encode_seconds))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            _, workdir, input_path = msg
+            inputs = load_ciphertexts(Path(input_path).read_bytes(), INPUT_KIND, model.params, keys.context,
+                                      model_sha256=model.digest, source="upload")
+            regs: dict[int, seal.Ciphertext] = dict(enumerate(inputs))
+            for li, row in enumerate(tasks):
+                if conn.recv() != ("go", li):
+                    raise HEError("worker out of step with the coordinator")
+                t0 = time.perf_counter()
+                task, counts = row[me], Counter[str]()
+                for r, _src in task.loads:
+                    ct = seal.Ciphertext()
+                    ct.load(keys.context, os.path.join(workdir, f"r{r}"))
+                    regs[r] = ct
+                engine.execute(regs, task.instrs, counts)
+                for r in task.saves:
+                    path = os.path.join(workdir, f"r{r}")
+                    regs[r].save(path + ".tmp")
+                    os.replace(path + ".tmp", path)
+                for r in task.drop:
+                    regs.pop(r, None)
+                conn.send(("done", li, time.perf_counter() - t0, dict(counts)))
+            regs.clear()
+    except (EOFError, KeyboardInterrupt):
+        return
+    except BaseException:  # report, then exit: the coordinator raises it
+        conn.send(("error", traceback.format_exc()))
+
+
+class ParallelEngine:
+    """A pool of worker processes that run one compiled model's encrypted forward pass together.
+
+    Use as a context manager; ``infer`` takes and returns the wire containers (bytes).
+    """
+
+    def __init__(self, model_path: Path, keys: PublicKeys, *, workers: int = 2,
+                 progress: Callable[[str], None] | None = None) -> None:
+        from he_inference.compiler import CompiledModel
+        keys = require_public(keys)
+        self.model = CompiledModel.load(Path(model_path))
+        keys.require_steps(self.model.plan.steps)
+        if workers < 1:
+            raise HEError(f"workers must be ≥ 1, got {workers}")
+        self.keys, self.workers = keys, workers
+        probe = Engine(self.model.plan, keys, instrs=())
+        self.tasks = schedule(self.model.plan, workers,
+                              lambda i: instr_cost(self.model.plan, i, probe.operand_level(i), probe.top_level))
+        self._tmp = tempfile.mkdtemp(prefix="privrad-he-run-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        ctx = mp.get_context("spawn")
+        self._conns: list[Connection] = []
+        self._procs: list[Any] = []
+        blob = keys.blob
+        for k in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(child, str(model_path), blob, k, workers), daemon=True)
+            proc.start()
+            child.close()  # so that a dead worker reads as EOF here
+            self._conns.append(parent)
+            self._procs.append(proc)
+        t0 = time.perf_counter()
+        encode = [self._recv(k, "ready")[1] for k in range(workers)]
+        self.encode_seconds = max(encode)
+        self.startup_seconds = time.perf_counter() - t0
+        if progress is not None:
+            progress(f"{workers} workers ready: plaintexts encoded in {self.encode_seconds:.1f} s")
+
+    def _recv(self, k: int, kind: str) -> tuple[Any, ...]:
+        try:
+            while not self._conns[k].poll(1.0):
+                if not self._procs[k].is_alive():
+                    raise EOFError
+            msg = self._conns[k].recv()
+        except EOFError as exc:
+            raise HEError(f"HE worker {k} died (exit code {self._procs[k].exitcode})") from exc
+        if msg[0] == "error":
+            raise HEError(f"HE worker {k} failed:\n{msg[1]}")
+        if msg[0] != kind:
+            raise HEError(f"HE worker {k}: unexpected {msg[0]!r}")
+        return tuple(msg)
+
+    def infer(self, upload: bytes, *, progress: Callable[[str, int, int], None] | None = None
+              ) -> tuple[bytes, list[LayerTiming]]:
+        """One encrypted classification: ``encrypted-image`` container in, ``encrypted-logits`` out."""
+        model = self.model
+        _, parts = unpack(upload, INPUT_KIND, source="upload", params_sha256=model.params.digest(),
+                          model_sha256=model.digest)
+        if len(parts) != model.plan.n_inputs:
+            raise CiphertextError(f"upload: the model takes {model.plan.n_inputs} ciphertexts, got {len(parts)}")
+        workdir = tempfile.mkdtemp(dir=self._tmp)
+        try:
+            input_path = os.path.join(workdir, "input")
+            Path(input_path).write_bytes(upload)
+            for c in self._conns:
+                c.send(("run", workdir, input_path))
+            timings = []
+            for li, (name, _, _) in enumerate(model.plan.layers):
+                t0 = time.perf_counter()
+                for c in self._conns:
+                    c.send(("go", li))
+                timing = LayerTiming(name)
+                for k in range(self.workers):
+                    _, _, _, counts = self._recv(k, "done")
+                    timing.counts.update(counts)
+                timing.seconds = time.perf_counter() - t0
+                timings.append(timing)
+                if progress is not None:
+                    progress(name, li + 1, len(model.plan.layers))
+            out = [(f"ct{n}", Path(workdir, f"r{r}").read_bytes()) for n, r in enumerate(model.plan.outputs)]
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return pack(OUTPUT_KIND, out, params_sha256=model.params.digest(), model_sha256=model.digest), timings
+
+    def close(self) -> None:
+        """Stop the workers and remove the scratch directory."""
+        for c in self._conns:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                c.send(("stop",))
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> ParallelEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def counts_by_layer(timings: list[LayerTiming]) -> dict[str, dict[str, int]]:
+    """Operation counts per layer, for reports."""
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for t in timings:
+        out[t.name] = dict(t.counts)
+    return dict(out)
