@@ -79,13 +79,14 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Learning rate [default: 1e-3 ref, 3e-3 approx].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
     head: Annotated[str, typer.Option(help="Head: gap (global average pool) or flatten.")] = "gap",
+    stem: Annotated[int, typer.Option(help="Patchify stem factor (4 for 256×256 slices; 1 = none).")] = 1,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
 ) -> None:
     """Train centrally on all sites pooled (the non-private upper bound) and evaluate."""
     from clients.train import EpochStats, TrainConfig, default_lr
     from simulations.centralised import train_centralised
 
-    arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head))
+    arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head), stem=stem)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr or default_lr(model), seed=seed)
     with _progress() as bar:
         task = bar.add_task(f"train {model}", total=epochs, info="")
@@ -288,6 +289,15 @@ def _print_metrics(metrics: dict[str, object], *, title: str) -> None:
     table.add_row("[bold]macro", f"[bold]{metrics['auc_macro']:.3f}", "")
     out_console.print(table)
     out_console.print(f"accuracy {metrics['accuracy']:.3f} on {metrics['n']} images")
+
+
+def _add_he() -> None:
+    from he_inference.cli import he_app
+
+    app.add_typer(he_app, name="he")
+
+
+_add_he()
 
 
 def main() -> None:

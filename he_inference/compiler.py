@@ -51,6 +51,7 @@ class CompiledModel:
     transform: InputTransform
     classes: tuple[str, ...]
     calibrated_max: float
+    meta: dict[str, Any] = field(default_factory=dict)   # e.g. the client's preprocessing, the source model
     _blob: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -76,7 +77,7 @@ class CompiledModel:
         header = {
             "format": FORMAT, "version": VERSION, "params": asdict(self.params), "params_sha256": self.params.digest(),
             "image_shape": list(self.image_shape), "transform": asdict(self.transform),
-            "classes": list(self.classes), "calibrated_max": self.calibrated_max,
+            "classes": list(self.classes), "calibrated_max": self.calibrated_max, "meta": self.meta,
             "plan": {
                 "slots": self.plan.slots, "n_inputs": self.plan.n_inputs, "outputs": self.plan.outputs,
                 "layers": self.plan.layers, "depth": self.plan.depth, "steps": self.plan.steps,
@@ -132,7 +133,7 @@ class CompiledModel:
                     [tuple(x) for x in p["layers"]], p["depth"], list(p["steps"]), p["n_registers"],
                     [LayerStats(**s) for s in p["stats"]])
         return cls(params, plan, tuple(header["image_shape"]), InputTransform(**header["transform"]),
-                   tuple(header["classes"]), float(header["calibrated_max"]), bytes(data))
+                   tuple(header["classes"]), float(header["calibrated_max"]), dict(header.get("meta", {})), bytes(data))
 
     @classmethod
     def load(cls, path: Path) -> CompiledModel:
@@ -153,7 +154,8 @@ def _layout_from(d: dict[str, Any]) -> Layout:
 
 
 def compile_model(model: nn.Module | Network, *, options: CompileOptions | None = None,
-                  calibration: Array | None = None, image_shape: Shape | None = None) -> CompiledModel:
+                  calibration: Array | None = None, image_shape: Shape | None = None,
+                  meta: dict[str, Any] | None = None) -> CompiledModel:
     """Compile ``model`` (not modified) for encrypted inference.
 
     ``calibration`` (N, C, H, W in [0, 1]) bounds the values every layer sees; default:
@@ -189,6 +191,6 @@ def compile_model(model: nn.Module | Network, *, options: CompileOptions | None 
         params = choose_params(plan.depth, min_slots=n // 2, scale_bits=options.scale_bits,
                                headroom_bits=options.headroom_bits)
         if params.slots == n // 2:
-            return CompiledModel(params, plan, net.image_shape, net.transform, net.classes, max(ranges))
+            return CompiledModel(params, plan, net.image_shape, net.transform, net.classes, max(ranges), dict(meta or {}))
     assert last is not None
     raise last

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,7 @@ class SecretKeys:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         secret = pack(SECRET_KIND, [("secret", seal_to_bytes(self._secret)), ("public", self._public_blob)],
-                      params_sha256=self.params.digest())
+                      params_sha256=self.params.digest(), params=asdict(self.params))
         spath, ppath = directory / SECRET_FILE, directory / PUBLIC_FILE
         atomic_write_bytes(spath, secret)
         os.chmod(spath, 0o600)
@@ -165,14 +165,19 @@ class SecretKeys:
         return spath, ppath
 
     @classmethod
-    def load(cls, path: Path, params: CKKSParams) -> SecretKeys:
-        """Read ``secret.key`` (or the key directory holding it)."""
+    def load(cls, path: Path, params: CKKSParams | None = None) -> SecretKeys:
+        """Read ``secret.key`` (or the key directory holding it); ``params`` default to the file's own."""
         path = Path(path)
         if path.is_dir():
             path = path / SECRET_FILE
         if not path.is_file():
             raise KeyMaterialError(f"{path}: no such secret key file (run `privrad he keygen`)")
-        _, parts = unpack(path.read_bytes(), SECRET_KIND, source=str(path), params_sha256=params.digest())
+        data = path.read_bytes()
+        if params is None:
+            head, _ = unpack(data, SECRET_KIND, source=str(path))
+            p = head["params"]
+            params = CKKSParams(int(p["poly_degree"]), tuple(int(b) for b in p["coeff_bits"]), int(p["scale_bits"]))
+        _, parts = unpack(data, SECRET_KIND, source=str(path), params_sha256=params.digest())
         ctx = make_context(params)
         secret = seal_load(seal.SecretKey, ctx, parts["secret"], what=f"{path} (secret key)")
         return cls(params, ctx, secret, parts["public"])
@@ -190,10 +195,13 @@ class SecretKeys:
             parts.append((f"ct{n}", seal_to_bytes(encryptor.encrypt_symmetric(pt))))
         return pack(INPUT_KIND, parts, params_sha256=self.params.digest(), model_sha256=model_sha256)
 
-    def decrypt(self, data: bytes, *, model_sha256: str, source: str = "<bytes>") -> Array:
-        """The logits in an ``encrypted-logits`` container (slot 0 of each class's ciphertext)."""
-        _, parts = unpack(data, OUTPUT_KIND, source=source, params_sha256=self.params.digest(),
-                          model_sha256=model_sha256)
+    def decrypt(self, data: bytes, *, model_sha256: str | None, source: str = "<bytes>") -> Array:
+        """The logits in an ``encrypted-logits`` container (slot 0 of each class's ciphertext).
+
+        ``model_sha256`` None skips the model check (the container still names its model).
+        """
+        expect = {"model_sha256": model_sha256} if model_sha256 is not None else {}
+        _, parts = unpack(data, OUTPUT_KIND, source=source, params_sha256=self.params.digest(), **expect)
         decryptor = seal.Decryptor(self._context, self._secret)
         out = []
         for name, blob in parts.items():
@@ -211,7 +219,8 @@ def load_ciphertexts(data: bytes, kind: str, params: CKKSParams, context: seal.S
     return [seal_load(seal.Ciphertext, context, blob, what=f"{source} ({name})") for name, blob in parts.items()]
 
 
-def pack_ciphertexts(cts: Sequence[seal.Ciphertext], kind: str, params: CKKSParams, *, model_sha256: str) -> bytes:
+def pack_ciphertexts(cts: Sequence[seal.Ciphertext], kind: str, params: CKKSParams, *, model_sha256: str,
+                     **header: Any) -> bytes:
     """Serialise ciphertexts into a container of ``kind``."""
     return pack(kind, [(f"ct{n}", seal_to_bytes(ct)) for n, ct in enumerate(cts)],
-                params_sha256=params.digest(), model_sha256=model_sha256)
+                params_sha256=params.digest(), model_sha256=model_sha256, **header)

@@ -269,7 +269,8 @@ class ParallelEngine:
             out = [(f"ct{n}", Path(workdir, f"r{r}").read_bytes()) for n, r in enumerate(model.plan.outputs)]
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        return pack(OUTPUT_KIND, out, params_sha256=model.params.digest(), model_sha256=model.digest), timings
+        return pack(OUTPUT_KIND, out, params_sha256=model.params.digest(), model_sha256=model.digest,
+                    classes=list(model.classes)), timings
 
     def close(self) -> None:
         """Stop the workers and remove the scratch directory."""

@@ -86,7 +86,7 @@ class InferenceServer:
         m = self.model
         cts = load_ciphertexts(upload, INPUT_KIND, m.params, self.keys.context, model_sha256=m.digest, source="upload")
         outs, timings = self._engine.run(cts, progress=progress)
-        return pack_ciphertexts(outs, OUTPUT_KIND, m.params, model_sha256=m.digest), timings
+        return pack_ciphertexts(outs, OUTPUT_KIND, m.params, model_sha256=m.digest, classes=list(m.classes)), timings
 
     def close(self) -> None:
         """Stop worker processes, if any."""

@@ -1,0 +1,198 @@
+"""``privrad he ...``: compile, keys, encrypt, infer (server side), decrypt, check, bench."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+he_app = typer.Typer(help="CKKS encrypted inference: the hospital keeps the secret key, the server sees ciphertext.",
+                     no_args_is_help=True)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _layer_progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[layer]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def _print_layers(rows: list[dict[str, object]], total: float, title: str) -> None:
+    table = Table("layer", "seconds", "rotations", "plain mults", "ct mults", title=title)
+    for r in rows:
+        table.add_row(str(r["layer"]), f"{r['seconds_median']:.3f}", str(r.get("rot", 0)), str(r.get("mulacc", 0)),
+                      str(int(str(r.get("square", 0))) + int(str(r.get("mul", 0)))))
+    table.add_row("[bold]total", f"[bold]{total:.3f}", "", "", "")
+    out_console.print(table)
+
+
+@he_app.command("compile")
+def compile_(
+    model: Annotated[Path, typer.Option(help="A model.pt written by train or simulate (an Approx-CNN).")],
+    out: Annotated[Path, typer.Option(help="Where to write the compiled model (.he).")],
+    calibration: Annotated[Path | None, typer.Option(help="Images that bound every layer's values "
+                                                          "(default: uniform noise).")] = None,
+    n_calibration: Annotated[int, typer.Option(help="How many calibration images to use.")] = 64,
+) -> None:
+    """Fold, range-check, pick CKKS parameters and plan the packing; save a self-contained .he file."""
+    from he_inference.check import compile_checkpoint
+
+    calib = None
+    if calibration is not None:
+        from clients.ingest import Preprocess, load_dataset
+        from federation.storage import load_checkpoint
+        meta = load_checkpoint(model).meta
+        ds = load_dataset(calibration, classes=meta["classes"], preprocess=Preprocess(**meta["preprocess"]))
+        calib = ds.images[:n_calibration].double().numpy()
+    t0 = time.perf_counter()
+    compiled, _ = compile_checkpoint(model, calibration=calib)
+    digest = compiled.save(out)
+    p = compiled.params
+    out_console.print(f"{out}: N={p.poly_degree}, moduli {list(p.coeff_bits)} bits, scale 2^{p.scale_bits}, "
+                      f"depth {compiled.plan.depth}, {compiled.plan.n_inputs} input ciphertexts, "
+                      f"{len(compiled.plan.steps)} rotation steps, {len(compiled.plan.masks)} plaintext masks "
+                      f"({time.perf_counter() - t0:.1f} s); sha256 {digest[:16]}…")
+
+
+@he_app.command()
+def keygen(
+    model: Annotated[Path, typer.Option(help="The compiled model (.he).")],
+    out: Annotated[Path, typer.Option(help="Key folder: secret.key (keep it) and public.keys (send it).")],
+) -> None:
+    """Client: a secret key and the evaluation keys this model needs (relinearisation + its rotations)."""
+    from he_inference.compiler import CompiledModel
+    from he_inference.keys import SecretKeys
+
+    m = CompiledModel.load(model)
+    t0 = time.perf_counter()
+    keys = SecretKeys.generate(m.params, m.plan.steps)
+    spath, ppath = keys.save(out)
+    out_console.print(f"secret key → {spath} (mode 600, never leaves this machine); evaluation keys → {ppath} "
+                      f"({ppath.stat().st_size / 1e6:.1f} MB, {len(m.plan.steps)} rotations) "
+                      f"in {time.perf_counter() - t0:.1f} s")
+
+
+@he_app.command()
+def encrypt(
+    images: Annotated[list[Path], typer.Argument(help="DICOM slices (or .npy arrays C×H×W in [0, 1]).")],
+    keys: Annotated[Path, typer.Option(help="The key folder from keygen (its secret.key).")],
+    model: Annotated[Path, typer.Option(help="The compiled model (.he).")],
+    out: Annotated[Path, typer.Option(help="Output .enc file (one image) or folder (several).")],
+) -> None:
+    """Client: preprocess as in training, pack, encrypt with the secret key (seeded, half-size)."""
+    from federation.storage import atomic_write_bytes
+    from he_inference.check import read_image
+    from he_inference.compiler import CompiledModel
+    from he_inference.keys import SecretKeys
+    from he_inference.server import encrypt_image
+
+    m = CompiledModel.load(model)
+    sk = SecretKeys.load(keys, m.params)
+    for img in images:
+        target = out if len(images) == 1 else out / f"{img.stem}.enc"
+        data = encrypt_image(m, sk, read_image(img, m.meta.get("preprocess", {})))
+        atomic_write_bytes(target, data)
+        out_console.print(f"{img} → {target} ({len(data) / 1e6:.2f} MB)")
+
+
+@he_app.command()
+def infer(
+    upload: Annotated[Path, typer.Argument(help="An encrypted image (.enc) from encrypt.")],
+    model: Annotated[Path, typer.Option(help="The compiled model (.he).")],
+    eval_keys: Annotated[Path, typer.Option(help="The client's public.keys (or its folder); a secret key is "
+                                                 "refused.")],
+    out: Annotated[Path, typer.Option(help="Where to write the encrypted logits.")],
+    workers: Annotated[int, typer.Option(help="Processes for the encrypted forward pass.")] = 2,
+) -> None:
+    """Server: run the whole network on the ciphertext; never sees the secret key or the image."""
+    from federation.storage import atomic_write_bytes
+    from he_inference.compiler import CompiledModel
+    from he_inference.check import layer_table
+    from he_inference.keys import PublicKeys
+    from he_inference.server import InferenceServer
+
+    m = CompiledModel.load(model)
+    pk = PublicKeys.load(eval_keys, m.params)
+    with InferenceServer(m, pk, workers=workers, model_path=model, progress=console.print) as server, \
+            _layer_progress() as bar:
+        task = bar.add_task("encrypted forward pass", total=len(m.plan.layers), layer="")
+        t0 = time.perf_counter()
+        reply, timings = server.infer(upload.read_bytes(),
+                                      progress=lambda name, k, n: bar.update(task, completed=k, layer=name))
+        total = time.perf_counter() - t0
+    atomic_write_bytes(out, reply)
+    _print_layers(layer_table([timings]), total, f"encrypted inference, {workers} worker(s)")
+    out_console.print(f"→ {out} ({len(reply) / 1e6:.2f} MB)")
+
+
+@he_app.command()
+def decrypt(
+    reply: Annotated[Path, typer.Argument(help="Encrypted logits (.enc) from infer.")],
+    keys: Annotated[Path, typer.Option(help="The key folder from keygen.")],
+) -> None:
+    """Client: decrypt the logits; prints class probabilities as JSON."""
+    import numpy as np
+
+    from he_inference.keys import SecretKeys
+    from he_inference.serial import unpack
+
+    sk = SecretKeys.load(keys)
+    data = reply.read_bytes()
+    head, _ = unpack(data, "encrypted-logits", source=str(reply))
+    logits = sk.decrypt(data, model_sha256=None, source=str(reply))
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    classes = head.get("classes") or [str(k) for k in range(len(p))]
+    out_console.print_json(json.dumps({"model_sha256": head["model_sha256"], "prediction": classes[int(p.argmax())],
+                                       "probabilities": dict(zip(classes, map(float, p), strict=True)),
+                                       "logits": dict(zip(classes, map(float, logits), strict=True))}))
+
+
+@he_app.command()
+def check(
+    model: Annotated[Path, typer.Option(help="A model.pt (Approx-CNN) to compile and check.")],
+    data: Annotated[Path, typer.Option(help="Held-out labelled images (e.g. DATA/test).")],
+    out: Annotated[Path, typer.Option(help="Write the report (JSON) here.")],
+    n: Annotated[int, typer.Option(help="Images to classify under encryption.")] = 50,
+    workers: Annotated[int, typer.Option(help="Server processes.")] = 2,
+) -> None:
+    """The full client → server → client loop on n images, compared with the plaintext model."""
+    from federation.storage import atomic_write_json
+    from he_inference.check import he_check
+
+    report = he_check(model, data, n=n, workers=workers, progress=console.print)
+    atomic_write_json(out, report)
+    _print_layers(report["layers"], report["server_s_median"], "median per layer")
+    keys = [k for k in report if k not in ("layers", "definitions", "ckks")]
+    out_console.print_json(json.dumps({k: report[k] for k in keys}))
+
+
+@he_app.command()
+def bench(
+    size: Annotated[int, typer.Option(help="Image side: 64 or 256.")] = 64,
+    model: Annotated[Path | None, typer.Option(help="A model.pt; default: the built-in Approx-CNN for the size "
+                                                    "(random weights: time does not depend on them).")] = None,
+    runs: Annotated[int, typer.Option(help="Encrypted passes to time (median reported).")] = 3,
+    workers: Annotated[int, typer.Option(help="Server processes.")] = 2,
+    baseline: Annotated[bool, typer.Option(help="Also time TenSEAL's high-level API on the layers it can "
+                                                "express, in the same run.")] = True,
+    out: Annotated[Path | None, typer.Option(help="Write the figures (JSON) here too.")] = None,
+) -> None:
+    """Per-layer times and the total of one encrypted classification; ratios against TenSEAL's high-level API."""
+    from federation.storage import atomic_write_json
+    from he_inference.bench import run_bench
+
+    report = run_bench(size=size, model_path=model, runs=runs, workers=workers, baseline=baseline,
+                       progress=console.print)
+    _print_layers(report["layers"], report["server_s_median"], f"{size}×{size}, median of {runs}")
+    summary = {k: v for k, v in report.items() if k != "layers"}
+    out_console.print_json(json.dumps(summary))
+    if out is not None:
+        atomic_write_json(out, report)
+
