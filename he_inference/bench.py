@@ -77,8 +77,13 @@ def tenseal_baseline(net: Network, image: Array, *, poly_degree: int = 16384) ->
                     y.polyval([float(c) for c in act.coef[:, oc]])
         out["first_conv_act_s"] = time.perf_counter() - t0
         out["first_conv_input_ciphertexts"] = n_ct
-    feats = int(np.prod(net.dense.weight.shape[1:]))
-    w = net.dense.weight.reshape(net.dense.weight.shape[0], feats)
+    w4 = net.dense.weight  # (K, C, H, W); an average pool folded into it is taken back out to fit the slots
+    while int(np.prod(w4.shape[1:])) > poly_degree // 2 and w4.shape[2] % 2 == 0 and w4.shape[3] % 2 == 0:
+        k, c, h, wd = w4.shape
+        w4 = w4.reshape(k, c, h // 2, 2, wd // 2, 2).sum(axis=(3, 5))
+    feats = int(np.prod(w4.shape[1:]))
+    w = w4.reshape(w4.shape[0], feats)
+    out["classifier_features"] = feats
     if feats <= poly_degree // 2:
         v = ts.ckks_vector(ctx, np.random.default_rng(0).uniform(-1, 1, feats).tolist())
         t0 = time.perf_counter()

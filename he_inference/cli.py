@@ -112,8 +112,8 @@ def infer(
 ) -> None:
     """Server: run the whole network on the ciphertext; never sees the secret key or the image."""
     from federation.storage import atomic_write_bytes
-    from he_inference.compiler import CompiledModel
     from he_inference.check import layer_table
+    from he_inference.compiler import CompiledModel
     from he_inference.keys import PublicKeys
     from he_inference.server import InferenceServer
 

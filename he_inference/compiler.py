@@ -191,6 +191,7 @@ def compile_model(model: nn.Module | Network, *, options: CompileOptions | None 
         params = choose_params(plan.depth, min_slots=n // 2, scale_bits=options.scale_bits,
                                headroom_bits=options.headroom_bits)
         if params.slots == n // 2:
-            return CompiledModel(params, plan, net.image_shape, net.transform, net.classes, max(ranges), dict(meta or {}))
+            return CompiledModel(params, plan, net.image_shape, net.transform, net.classes, max(ranges),
+                                 dict(meta or {}))
     assert last is not None
     raise last
