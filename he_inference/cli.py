@@ -196,3 +196,38 @@ def bench(
     if out is not None:
         atomic_write_json(out, report)
 
+
+
+@he_app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="The compiled model (.he).")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Processes for each encrypted forward pass.")] = 2,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (enables HTTPS).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of the certificate.")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest encrypted image accepted.")] = 64.0,
+    max_clients: Annotated[int, typer.Option(help="Key sets kept loaded (least recently used leave).")] = 4,
+) -> None:
+    """Server: the encrypted-inference web service (public keys and ciphertext only)."""
+    from he_inference.service import ServiceLimits
+    from he_inference.service import serve as run
+
+    console.print(f"encoding the model and starting {workers} worker(s) …")
+    run(model, host=host, port=port, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
+        limits=ServiceLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_clients=max_clients))
+
+
+@he_app.command()
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="DICOM slices (or .npy arrays C×H×W in [0, 1]).")],
+    server: Annotated[str, typer.Option(help="Service URL, e.g. http://127.0.0.1:8000.")],
+    keys: Annotated[Path, typer.Option(help="This hospital's key folder (created on first use).")],
+    ca_cert: Annotated[Path | None, typer.Option(help="CA certificate to verify an HTTPS service.")] = None,
+) -> None:
+    """Client: encrypt each image, have the service classify it on ciphertext, decrypt; prints JSON."""
+    from he_inference.client import ServiceClient
+
+    with ServiceClient(server, keys, ca_cert=ca_cert) as client:
+        results = client.classify_files(images)
+    out_console.print_json(json.dumps(results))

@@ -26,7 +26,7 @@ from he_inference.ckks import MAX_BITS, CKKSParams, choose_params
 from he_inference.ir import InputTransform, Network, Shape, trace, value_ranges
 from he_inference.plan import Instr, Kind, LayerStats, Layout, Plan, build_plan
 
-__all__ = ["CompileOptions", "CompiledModel", "compile_model"]
+__all__ = ["ClientModel", "CompileOptions", "CompiledModel", "compile_model"]
 
 FORMAT, VERSION = "privrad-he-model", 1
 Array = npt.NDArray[np.float64]
@@ -63,6 +63,11 @@ class CompiledModel:
         """Slot vectors of one image (C, H, W) in [0, 1], ready to encode (client side)."""
         x = self.transform.apply(np.asarray(images, dtype=np.float64)[None])[0]
         return self.plan.input_layout.pack(x, self.params.slots)
+
+    def client(self) -> ClientModel:
+        """What a client needs to encrypt for this model and read its answer (no weights)."""
+        return ClientModel(self.params, self.image_shape, self.transform, self.plan.input_layout, self.classes,
+                           dict(self.meta), self.digest, tuple(self.plan.steps))
 
     # -- (de)serialisation -----------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -142,6 +147,50 @@ class CompiledModel:
         if not path.is_file():
             raise CiphertextError(f"{path}: no such HE model file")
         return cls.from_bytes(path.read_bytes(), source=str(path))
+
+
+@dataclass(frozen=True)
+class ClientModel:
+    """The client's view of a compiled model: packing, parameters, classes; no weights.
+
+    Served by the encrypted-inference service (``GET /model``) so a hospital can encrypt
+    without holding the ``.he`` file.
+    """
+
+    params: CKKSParams
+    image_shape: Shape
+    transform: InputTransform
+    input_layout: Layout
+    classes: tuple[str, ...]
+    meta: dict[str, Any]
+    digest: str
+    steps: tuple[int, ...]
+
+    def pack(self, images: Array) -> list[Array]:
+        """Slot vectors of one image (C, H, W) in [0, 1], ready to encode."""
+        x = self.transform.apply(np.asarray(images, dtype=np.float64)[None])[0]
+        return self.input_layout.pack(x, self.params.slots)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"params": asdict(self.params), "params_sha256": self.params.digest(),
+                "image_shape": list(self.image_shape), "transform": asdict(self.transform),
+                "input_layout": _layout_dict(self.input_layout), "classes": list(self.classes), "meta": self.meta,
+                "model_sha256": self.digest, "rotation_steps": list(self.steps)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClientModel:
+        """Inverse of :meth:`to_dict`; a parameter hash that does not match is a CiphertextError."""
+        try:
+            p = d["params"]
+            params = CKKSParams(int(p["poly_degree"]), tuple(int(b) for b in p["coeff_bits"]), int(p["scale_bits"]))
+            if params.digest() != d["params_sha256"]:
+                raise CiphertextError("model description: parameter hash mismatch")
+            return cls(params, tuple(d["image_shape"]), InputTransform(**d["transform"]),
+                       _layout_from(d["input_layout"]), tuple(d["classes"]), dict(d.get("meta", {})),
+                       str(d["model_sha256"]), tuple(int(x) for x in d["rotation_steps"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CiphertextError(f"model description is incomplete or malformed ({exc})") from exc
 
 
 def _layout_dict(lay: Layout) -> dict[str, Any]:

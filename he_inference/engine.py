@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import tenseal.sealapi as seal
 
-from federation.errors import CiphertextError
+from federation.errors import CiphertextError, KeyMaterialError
+from he_inference.ckks import CKKSParams, make_context
 from he_inference.keys import PublicKeys, require_public
 from he_inference.plan import Kind, Plan
 
@@ -39,13 +40,15 @@ class LayerTiming:
 class Engine:
     """The encrypted forward pass of one compiled model under one set of public keys."""
 
-    def __init__(self, plan: Plan, keys: PublicKeys, *, instrs: Collection[int] | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
-        """Check the keys against the plan and encode the plaintexts of ``instrs`` (default: all)."""
-        keys = require_public(keys)
-        keys.require_steps(plan.steps)
-        self.plan, self.params, self.ctx = plan, keys.params, keys.context
-        self.relin, self.galois = keys.relin, keys.galois
+    def __init__(self, plan: Plan, params: CKKSParams, keys: PublicKeys | None = None, *,
+                 instrs: Collection[int] | None = None, progress: Callable[[str], None] | None = None) -> None:
+        """Encode the plaintexts of ``instrs`` (default: all); ``keys`` may come later (:meth:`use_keys`)."""
+        self.plan, self.params = plan, params
+        self.relin: seal.RelinKeys | None = None
+        self.galois: seal.GaloisKeys | None = None
+        self.ctx = make_context(params) if keys is None else require_public(keys).context
+        if keys is not None:
+            self.use_keys(keys)
         self.evaluator = seal.Evaluator(self.ctx)
         self.encoder = seal.CKKSEncoder(self.ctx)
         self._levels = self._level_table()
@@ -59,6 +62,14 @@ class Engine:
             if progress is not None and n % 500 == 0:
                 progress(f"encoding plaintexts {n}/{len(todo)}")
         self.encode_seconds = time.perf_counter() - start
+
+    def use_keys(self, keys: PublicKeys) -> None:
+        """Evaluate with another client's evaluation keys (same parameters; the plaintexts stay)."""
+        keys = require_public(keys)
+        if keys.params != self.params:
+            raise KeyMaterialError("these evaluation keys are for other CKKS parameters than the model's")
+        keys.require_steps(self.plan.steps)
+        self.relin, self.galois = keys.relin, keys.galois
 
     @property
     def top_level(self) -> int:
@@ -128,6 +139,8 @@ class Engine:
     def execute(self, regs: dict[int, seal.Ciphertext], indices: Iterable[int], counts: Counter[str]) -> None:
         """Run the instructions ``indices`` (in order) on the registers ``regs``, in place."""
         ev = self.evaluator
+        if self.relin is None or self.galois is None:
+            raise KeyMaterialError("no evaluation keys: the client's public keys must be registered first")
         for idx in indices:
             ins = self.plan.instrs[idx]
             lv = self._operand_level[idx]

@@ -145,23 +145,31 @@ def _cone(plan: Plan, producer: dict[int, int], reg: int, start: int) -> set[int
 
 
 # -- the worker process ----------------------------------------------------------------------
-def _worker(conn: Connection, model_path: str, keys_blob: bytes, me: int, workers: int) -> None:
+def _worker(conn: Connection, model_path: str, keys_blob: bytes | None, me: int, workers: int) -> None:
     try:
         from he_inference.compiler import CompiledModel
         model = CompiledModel.load(Path(model_path))
-        keys = PublicKeys.from_bytes(keys_blob, model.params, source="public keys")
-        probe = Engine(model.plan, keys, instrs=())
+        keysets = {} if keys_blob is None else {"": PublicKeys.from_bytes(keys_blob, model.params, source="keys")}
+        probe = Engine(model.plan, model.params, instrs=())
         top = probe.top_level
         tasks = schedule(model.plan, workers, lambda i: instr_cost(model.plan, i, probe.operand_level(i), top))
         mine = {i for row in tasks for i in row[me].instrs}
-        engine = Engine(model.plan, keys, instrs=mine)
+        engine = Engine(model.plan, model.params, instrs=mine)
         conn.send(("ready", engine.encode_seconds))
         while True:
             msg = conn.recv()
             if msg[0] == "stop":
                 return
-            _, workdir, input_path = msg
-            inputs = load_ciphertexts(Path(input_path).read_bytes(), INPUT_KIND, model.params, keys.context,
+            if msg[0] == "keys":
+                keysets[msg[1]] = PublicKeys.from_bytes(msg[2], model.params, source="public keys")
+                conn.send(("ok",))
+                continue
+            if msg[0] == "forget":
+                keysets.pop(msg[1], None)
+                continue
+            _, workdir, input_path, key_id = msg
+            engine.use_keys(keysets[key_id])
+            inputs = load_ciphertexts(Path(input_path).read_bytes(), INPUT_KIND, model.params, engine.ctx,
                                       model_sha256=model.digest, source="upload")
             regs: dict[int, seal.Ciphertext] = dict(enumerate(inputs))
             for li, row in enumerate(tasks):
@@ -171,7 +179,7 @@ def _worker(conn: Connection, model_path: str, keys_blob: bytes, me: int, worker
                 task, counts = row[me], Counter[str]()
                 for r, _src in task.loads:
                     ct = seal.Ciphertext()
-                    ct.load(keys.context, os.path.join(workdir, f"r{r}"))
+                    ct.load(engine.ctx, os.path.join(workdir, f"r{r}"))
                     regs[r] = ct
                 engine.execute(regs, task.instrs, counts)
                 for r in task.saves:
@@ -194,23 +202,24 @@ class ParallelEngine:
     Use as a context manager; ``infer`` takes and returns the wire containers (bytes).
     """
 
-    def __init__(self, model_path: Path, keys: PublicKeys, *, workers: int = 2,
+    def __init__(self, model_path: Path, keys: PublicKeys | None = None, *, workers: int = 2,
                  progress: Callable[[str], None] | None = None) -> None:
         from he_inference.compiler import CompiledModel
-        keys = require_public(keys)
         self.model = CompiledModel.load(Path(model_path))
-        keys.require_steps(self.model.plan.steps)
+        if keys is not None:
+            keys = require_public(keys)
+            keys.require_steps(self.model.plan.steps)
         if workers < 1:
             raise HEError(f"workers must be ≥ 1, got {workers}")
-        self.keys, self.workers = keys, workers
-        probe = Engine(self.model.plan, keys, instrs=())
+        self.workers = workers
+        probe = Engine(self.model.plan, self.model.params, instrs=())
         self.tasks = schedule(self.model.plan, workers,
                               lambda i: instr_cost(self.model.plan, i, probe.operand_level(i), probe.top_level))
         self._tmp = tempfile.mkdtemp(prefix="privrad-he-run-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
-        blob = keys.blob
+        blob = None if keys is None else keys.blob
         for k in range(workers):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, str(model_path), blob, k, workers), daemon=True)
@@ -219,7 +228,11 @@ class ParallelEngine:
             self._conns.append(parent)
             self._procs.append(proc)
         t0 = time.perf_counter()
-        encode = [self._recv(k, "ready")[1] for k in range(workers)]
+        try:
+            encode = [self._recv(k, "ready")[1] for k in range(workers)]
+        except BaseException:
+            self.close()
+            raise
         self.encode_seconds = max(encode)
         self.startup_seconds = time.perf_counter() - t0
         if progress is not None:
@@ -239,9 +252,26 @@ class ParallelEngine:
             raise HEError(f"HE worker {k}: unexpected {msg[0]!r}")
         return tuple(msg)
 
-    def infer(self, upload: bytes, *, progress: Callable[[str, int, int], None] | None = None
+    def add_keys(self, key_id: str, keys: PublicKeys) -> None:
+        """Load another client's evaluation keys into every worker, under ``key_id``."""
+        keys = require_public(keys)
+        keys.require_steps(self.model.plan.steps)
+        for c in self._conns:
+            c.send(("keys", key_id, keys.blob))
+        for k in range(self.workers):
+            self._recv(k, "ok")
+
+    def forget_keys(self, key_id: str) -> None:
+        """Release a client's evaluation keys in every worker."""
+        for c in self._conns:
+            c.send(("forget", key_id))
+
+    def infer(self, upload: bytes, *, key_id: str = "", progress: Callable[[str, int, int], None] | None = None
               ) -> tuple[bytes, list[LayerTiming]]:
-        """One encrypted classification: ``encrypted-image`` container in, ``encrypted-logits`` out."""
+        """One encrypted classification: ``encrypted-image`` container in, ``encrypted-logits`` out.
+
+        ``key_id`` selects keys given to :meth:`add_keys` (default: the keys the pool started with).
+        """
         model = self.model
         _, parts = unpack(upload, INPUT_KIND, source="upload", params_sha256=model.params.digest(),
                           model_sha256=model.digest)
@@ -252,7 +282,7 @@ class ParallelEngine:
             input_path = os.path.join(workdir, "input")
             Path(input_path).write_bytes(upload)
             for c in self._conns:
-                c.send(("run", workdir, input_path))
+                c.send(("run", workdir, input_path, key_id))
             timings = []
             for li, (name, _, _) in enumerate(model.plan.layers):
                 t0 = time.perf_counter()

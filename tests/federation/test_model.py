@@ -52,6 +52,17 @@ def test_both_models_give_one_logit_per_class(size: int, kind: ModelKind, head: 
     assert model(torch.rand(2, 1, size, size)).shape == (2, 3)
 
 
+def test_a_patchify_stem_takes_a_256_slice_to_64_before_the_stages() -> None:
+    model = build_model(ArchConfig(input_size=256, stem=4, head=HeadKind.FLATTEN)).eval()
+    first = model.features[0][0]
+
+    assert (first.weight.shape[2:], first.stride, first.padding) == ((4, 4), 4, 0)
+    assert model.classifier.in_features == 64 * 8 * 8
+    assert model(torch.rand(2, 1, 256, 256)).shape == (2, 3)
+    with pytest.raises(ConfigError, match=r"multiple of stem \* 2\*\*len\(channels\) = 32"):
+        ArchConfig(input_size=64 + 16, stem=4)
+
+
 def test_same_seed_gives_the_same_initial_weights() -> None:
     a = build_model(ArchConfig(), seed=7).state_dict()
     b = build_model(ArchConfig(), seed=7).state_dict()
@@ -104,7 +115,7 @@ def test_ws_conv_equals_a_plain_conv_with_its_folded_weight() -> None:
 
 @pytest.mark.parametrize(("field", "value", "rule"), [
     ("input_size", 60, "multiple of"), ("degree", 5, "2, 3 or 4"), ("channels", (), "positive"),
-    ("num_classes", 1, "at least 2"), ("act_bound", 0.0, "positive"),
+    ("num_classes", 1, "at least 2"), ("act_bound", 0.0, "positive"), ("stem", 0, "positive"),
 ])
 def test_bad_architecture_names_field_and_rule(field: str, value: object, rule: str) -> None:
     with pytest.raises(ConfigError, match=f"`{field}`.*{rule}"):

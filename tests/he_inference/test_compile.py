@@ -56,6 +56,9 @@ CASES = [
     pytest.param(lambda: _perturbed(nn.Sequential(nn.Conv2d(1, 4, 4, stride=4), PolyAct(4, 0.5, channels=4),
                                                   nn.Flatten(), nn.Linear(4 * 4 * 4, 2)), 3), (1, 16, 16),
                  id="patchify-stem-degree4"),
+    pytest.param(lambda: _perturbed(build_model(ArchConfig(input_size=32, channels=(2, 4), head="flatten", stem=2),
+                                                seed=2), 4), (1, 32, 32),
+                 id="approx-cnn-stem2"),
 ]
 
 
