@@ -35,15 +35,9 @@ demo: $(STAMP)
 	$(VENV)/bin/privrad evaluate --model $(DEMO)/federated/global_model.pt --data $(DEMO)/data/test
 	$(MAKE) --no-print-directory demo-he DEMO=$(DEMO)
 
-# Encrypted inference of one test slice with the federated model (needs the demo's run folder).
+# The federated model serves one encrypted classification on loopback (needs the demo's run folder).
 demo-he: $(STAMP)
-	$(VENV)/bin/privrad he compile --model $(DEMO)/federated/global_model.pt --out $(DEMO)/he/model.he --calibration $(DEMO)/data/site-1
-	$(VENV)/bin/privrad he keygen --model $(DEMO)/he/model.he --out $(DEMO)/he/keys
-	slice=$$(ls $(DEMO)/data/test/*.dcm | head -1); \
-	  $(VENV)/bin/privrad he encrypt --keys $(DEMO)/he/keys --model $(DEMO)/he/model.he $$slice --out $(DEMO)/he/slice.enc && \
-	  $(VENV)/bin/privrad he infer --model $(DEMO)/he/model.he --eval-keys $(DEMO)/he/keys/public.keys $(DEMO)/he/slice.enc --out $(DEMO)/he/logits.enc && \
-	  $(VENV)/bin/privrad he decrypt --keys $(DEMO)/he/keys $(DEMO)/he/logits.enc && \
-	  echo "true label of $$(basename $$slice): $$(grep "$$(basename $$slice)" $(DEMO)/data/test/labels.csv | cut -d, -f2)"
+	$(VENV)/bin/privrad he demo --run $(DEMO)/federated --data $(DEMO)/data --out $(DEMO)/he
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

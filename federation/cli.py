@@ -291,6 +291,47 @@ def _print_metrics(metrics: dict[str, object], *, title: str) -> None:
     out_console.print(f"accuracy {metrics['accuracy']:.3f} on {metrics['n']} images")
 
 
+deploy_app = typer.Typer(help="Run the federation across hospitals: certificates and SuperLink connections.",
+                         no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    out: Annotated[Path, typer.Option(help="Folder for ca.crt, superlink.crt/.key and SITE/node(.pub).")],
+    site: Annotated[list[str], typer.Option(help="A hospital's name (repeat per site).")],
+    host: Annotated[list[str], typer.Option(help="A DNS name or IP the SuperLink is reached at (repeat).")],
+    days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
+    force: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """A private CA, the SuperLink's TLS certificate, and an ECDSA key pair per SuperNode."""
+    from federation.deploy import make_certs
+
+    certs = make_certs(out, sites=site, hosts=host, days=days, overwrite=force)
+    out_console.print(f"CA {certs.ca_cert}; SuperLink {certs.superlink_cert} (SANs: {', '.join(host)}); "
+                      f"SuperNode keys: " + ", ".join(f"{s} → {k[0]}" for s, k in certs.site_keys.items()))
+    out_console.print("private keys are mode 600: ca.key stays with the operator, each SITE/node goes only to its "
+                      "hospital; register each SITE/node.pub with `flwr supernode register`")
+
+
+@deploy_app.command("connection")
+def deploy_connection(
+    address: Annotated[str, typer.Option(help="SuperLink HOST:PORT.")],
+    ca_cert: Annotated[Path, typer.Option(help="The federation's ca.crt.")],
+    name: Annotated[str, typer.Option(help="Connection name for flwr run/ls/stop.")] = "hospitals",
+    flwr_home: Annotated[Path | None, typer.Option(help="Flower's config folder [default: $FLWR_HOME or "
+                                                        "~/.flwr].")] = None,
+) -> None:
+    """Write a TLS SuperLink connection into Flower's config.toml (made the default)."""
+    import os
+
+    from federation.deploy import write_connection
+
+    home = flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    path = write_connection(home, name=name, address=address, ca_cert=ca_cert)
+    out_console.print(f"{path}: connection {name!r} → {address} (TLS, CA {ca_cert})")
+
+
 def _add_he() -> None:
     from he_inference.cli import he_app
 

@@ -161,7 +161,7 @@ def _worker(conn: Connection, model_path: str, keys_blob: bytes | None, me: int,
             if msg[0] == "stop":
                 return
             if msg[0] == "keys":
-                keysets[msg[1]] = PublicKeys.from_bytes(msg[2], model.params, source="public keys")
+                keysets[msg[1]] = PublicKeys.from_bytes(Path(msg[2]).read_bytes(), model.params, source="keys")
                 conn.send(("ok",))
                 continue
             if msg[0] == "forget":
@@ -256,10 +256,15 @@ class ParallelEngine:
         """Load another client's evaluation keys into every worker, under ``key_id``."""
         keys = require_public(keys)
         keys.require_steps(self.model.plan.steps)
-        for c in self._conns:
-            c.send(("keys", key_id, keys.blob))
-        for k in range(self.workers):
-            self._recv(k, "ok")
+        path = os.path.join(self._tmp, f"keys-{key_id or 'default'}")
+        Path(path).write_bytes(keys.blob)   # once, in RAM, rather than pickled down every pipe
+        try:
+            for c in self._conns:
+                c.send(("keys", key_id, path))
+            for k in range(self.workers):
+                self._recv(k, "ok")
+        finally:
+            os.unlink(path)
 
     def forget_keys(self, key_id: str) -> None:
         """Release a client's evaluation keys in every worker."""

@@ -20,6 +20,7 @@ uses every core); concurrent requests queue.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -36,7 +37,7 @@ from he_inference.compiler import CompiledModel
 from he_inference.keys import PublicKeys
 from he_inference.server import InferenceServer, key_id_of
 
-__all__ = ["ServiceLimits", "create_app", "serve"]
+__all__ = ["ServiceLimits", "create_app", "free_port", "serve", "start_service"]
 
 OCTET = "application/octet-stream"
 
@@ -63,11 +64,13 @@ async def _body(request: Request, limit: int, what: str) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RefusalError(413, "payload_too_large", f"{what} is {int(declared)} bytes; the limit is {limit}")
-    data = b""
+    chunks, size = [], 0
     async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise RefusalError(413, "payload_too_large", f"{what} exceeds the limit of {limit} bytes")
+    data = b"".join(chunks)
     if not data:
         raise RefusalError(400, "empty_body", f"{what} is empty")
     return data
@@ -103,6 +106,10 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
     @app.post("/keys")
     async def register(request: Request) -> dict[str, Any]:
         blob = await _body(request, limits.max_key_bytes, "the evaluation keys")
+        known_id = hashlib.sha256(blob).hexdigest()[:32]
+        if known_id in recent:   # the same keys again: nothing to load
+            recent.move_to_end(known_id)
+            return {"key_id": known_id, "new": False}
         try:
             keys = PublicKeys.from_bytes(blob, model.params, source="the uploaded keys")
         except KeyMaterialError as exc:
@@ -166,3 +173,39 @@ def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, worker
                     ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)
     finally:
         app.state.inference.close()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_service(model_path: Path, *, port: int | None = None, workers: int = 2, extra: list[str] | None = None,
+                  timeout: float = 300.0) -> tuple[Any, str]:
+    """Start ``privrad he serve`` as a child process on loopback; returns (process, URL) once healthy."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "federation.cli", "he", "serve", "--model", str(model_path),
+                             "--port", str(port), "--workers", str(workers), *(extra or [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise HEError(f"the encrypted-inference service did not start:\n{output[-2000:]}")
+        time.sleep(0.5)

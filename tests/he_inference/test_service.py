@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,16 +22,11 @@ from he_inference.client import ServiceClient
 from he_inference.compiler import compile_model
 from he_inference.keys import SecretKeys
 from he_inference.server import encrypt_image
+from he_inference.service import start_service
 
 CLASSES = ["normal", "cyst", "tumour"]
 OCTET = {"content-type": "application/octet-stream"}
 MAX_UPLOAD_MB = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +38,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     compiled, _ = compile_checkpoint(ckpt)
     he = root / "model.he"
     compiled.save(he)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "federation.cli", "he", "serve", "--model", str(he), "--port",
-                             str(port), "--workers", "2", "--max-upload-mb", str(MAX_UPLOAD_MB)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"service did not start:\n{proc.stdout.read().decode() if proc.stdout else ''}")
-        time.sleep(0.5)
+    proc, url = start_service(he, workers=2, extra=["--max-upload-mb", str(MAX_UPLOAD_MB)])
     try:
         yield url, ckpt, root
     finally:
