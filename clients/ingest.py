@@ -44,6 +44,7 @@ __all__ = [
     "load_image_tree",
     "load_npz",
     "read_dicom_hu",
+    "read_slice",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,11 @@ def _dicom_to_tensor(path: Path, pre: Preprocess) -> torch.Tensor:
         lo, hi = float(values.min()), float(values.max())
         img = ((values - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
     return _resize(img, pre.size)
+
+
+def read_slice(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    """One DICOM slice as the model sees it: ``(1, size, size)`` in [0, 1], windowed and resized as in training."""
+    return _dicom_to_tensor(Path(path), preprocess)
 
 
 # ----------------------------------------------------------------------------- labels

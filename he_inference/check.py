@@ -39,14 +39,14 @@ def _softmax(z: Array) -> Array:
 
 def read_image(path: Path, preprocess: dict[str, Any]) -> Array:
     """One image for the model: a DICOM slice (windowed and resized as in training) or a ``.npy`` (C, H, W)."""
-    from clients.ingest import Preprocess, _dicom_to_tensor
+    from clients.ingest import Preprocess, read_slice
 
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "does not exist")
     if path.suffix == ".npy":
         return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
-    return np.asarray(_dicom_to_tensor(path, Preprocess(**preprocess)).numpy(), dtype=np.float64)
+    return np.asarray(read_slice(path, Preprocess(**preprocess)).numpy(), dtype=np.float64)
 
 
 def compile_checkpoint(model_path: Path, *, calibration: Array | None = None,

@@ -47,10 +47,10 @@ def test_compile_keygen_encrypt_infer_decrypt_match_the_plaintext_model(checkpoi
     for r in results:
         assert r.exit_code == 0, r.output
     out = json.loads(results[-1].stdout[results[-1].stdout.index("{"):])
-    from clients.ingest import Preprocess, _dicom_to_tensor
+    from clients.ingest import Preprocess, read_slice
     from federation.storage import load_checkpoint
     with torch.no_grad():
-        ref = load_checkpoint(checkpoint).model.eval()(_dicom_to_tensor(dicom, Preprocess(size=32))[None])[0]
+        ref = load_checkpoint(checkpoint).model.eval()(read_slice(dicom, Preprocess(size=32))[None])[0]
     got = np.array([out["logits"][c] for c in CLASSES])
     np.testing.assert_allclose(got, ref.double().numpy(), atol=1e-3 * float(ref.abs().max()), rtol=0)
     assert out["prediction"] == CLASSES[int(ref.argmax())]
