@@ -6,6 +6,7 @@ once (it answers a key id) and then only ciphertexts.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,8 @@ class ServiceClient:
     """A connection to one encrypted-inference service, with this hospital's keys."""
 
     def __init__(self, url: str, keys_dir: Path, *, ca_cert: Path | None = None, timeout: float = 900.0) -> None:
-        self.http = httpx.Client(base_url=url.rstrip("/"), verify=str(ca_cert) if ca_cert else True, timeout=timeout)
+        verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+        self.http = httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout)
         self.model = ClientModel.from_dict(self._check(self.http.get("/model"), "GET /model").json())
         keys_dir = Path(keys_dir)
         if (keys_dir / SECRET_FILE).is_file():

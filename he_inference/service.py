@@ -185,8 +185,12 @@ def free_port() -> int:
 
 
 def start_service(model_path: Path, *, port: int | None = None, workers: int = 2, extra: list[str] | None = None,
-                  timeout: float = 300.0) -> tuple[Any, str]:
-    """Start ``privrad he serve`` as a child process on loopback; returns (process, URL) once healthy."""
+                  tls: tuple[Path, Path, Path] | None = None, timeout: float = 300.0) -> tuple[Any, str]:
+    """Start ``privrad he serve`` as a child process on loopback; returns (process, URL) once healthy.
+
+    ``tls`` = (certificate, key, CA certificate) serves HTTPS, checked against that CA.
+    """
+    import ssl
     import subprocess
     import sys
 
@@ -194,13 +198,15 @@ def start_service(model_path: Path, *, port: int | None = None, workers: int = 2
 
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "federation.cli", "he", "serve", "--model", str(model_path),
-                             "--port", str(port), "--workers", str(workers), *(extra or [])],
+                             "--port", str(port), "--workers", str(workers), *(extra or []),
+                             *(["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=str(tls[2])) if tls else True
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2, verify=verify).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass

@@ -123,3 +123,28 @@ def test_eight_concurrent_classifications_all_succeed(service) -> None:  # type:
     got = np.array([decrypt_logits(client.model, client.keys, r) for r in replies])
     assert got.shape == (8, 3)
     np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)  # each reply is its own image's
+
+
+def test_the_service_over_tls_answers_only_clients_that_trust_its_ca(tmp_path: Path) -> None:
+    from federation.deploy import make_certs
+
+    model = build_model(ArchConfig(input_size=16, channels=(2,), head=HeadKind.FLATTEN), seed=9).eval()
+    save_checkpoint(tmp_path / "m.pt", model, meta={"classes": CLASSES, "preprocess": {"size": 16}})
+    compiled, _ = compile_checkpoint(tmp_path / "m.pt")
+    compiled.save(tmp_path / "m.he")
+    certs = make_certs(tmp_path / "certs", sites=["unused"], hosts=["127.0.0.1"])
+    proc, url = start_service(tmp_path / "m.he", workers=1,
+                              tls=(certs.superlink_cert, certs.superlink_key, certs.ca_cert))
+    try:
+        assert url.startswith("https://")
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/health", timeout=10)   # the system trust store does not know this CA
+        with ServiceClient(url, tmp_path / "keys", ca_cert=certs.ca_cert) as client:
+            image = np.random.default_rng(3).uniform(0, 1, client.model.image_shape)
+            got = client.classify(image)["logits"]
+        with torch.no_grad():
+            ref = model(torch.as_tensor(image[None], dtype=torch.float32))[0].double().numpy()
+        np.testing.assert_allclose([got[c] for c in CLASSES], ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
