@@ -22,11 +22,10 @@ import torch
 
 from federation.errors import HEError
 from federation.model import ArchConfig, HeadKind, build_model
-from he_inference.check import layer_table
+from he_inference.check import layer_table, round_trips
 from he_inference.compiler import compile_model
 from he_inference.ir import Act, Conv, Network, trace
 from he_inference.keys import SecretKeys
-from he_inference.server import InferenceServer, decrypt_logits, encrypt_image
 
 __all__ = ["ARCHS", "run_bench", "tenseal_baseline"]
 
@@ -110,28 +109,18 @@ def run_bench(*, size: int, model_path: Path | None = None, runs: int = 3, worke
     keygen_s = time.perf_counter() - t0
     with torch.no_grad():
         ref = model(torch.as_tensor(image[None], dtype=torch.float32)).double().numpy()[0]
-    totals, e2e, timings = [], [], []
-    with InferenceServer(compiled, keys.public(), workers=workers, progress=say) as server:
-        for k in range(runs):
-            t0 = time.perf_counter()
-            upload = encrypt_image(compiled, keys, image)
-            t1 = time.perf_counter()
-            reply, layers = server.infer(upload)
-            t2 = time.perf_counter()
-            logits = decrypt_logits(compiled, keys, reply)
-            e2e.append(time.perf_counter() - t0)
-            totals.append(t2 - t1)
-            timings.append(layers)
-            say(f"run {k + 1}/{runs}: server {totals[-1]:.2f} s, end to end {e2e[-1]:.2f} s")
-        startup_s = server.encode_seconds
+    trips, startup_s = round_trips(compiled, keys, np.repeat(image[None], runs, axis=0), workers=workers, say=say)
+    last = trips[-1]
     report: dict[str, Any] = {
         "size": size, "workers": workers, "runs": runs,
-        "server_s_median": statistics.median(totals), "end_to_end_s_median": statistics.median(e2e),
-        "upload_bytes": len(upload), "download_bytes": len(reply), "eval_key_bytes": len(keys.public_bytes()),
-        "max_abs_logit_err": float(np.abs(logits - ref).max()), "max_abs_logit": float(np.abs(ref).max()),
+        "server_s_median": statistics.median(t.server_seconds for t in trips),
+        "end_to_end_s_median": statistics.median(t.seconds for t in trips),
+        "upload_bytes": last.upload_bytes, "download_bytes": last.download_bytes,
+        "eval_key_bytes": len(keys.public_bytes()),
+        "max_abs_logit_err": float(np.abs(last.logits - ref).max()), "max_abs_logit": float(np.abs(ref).max()),
         "compile_s": compile_s, "keygen_s": keygen_s, "server_startup_s": startup_s,
         "poly_degree": compiled.params.poly_degree, "depth": compiled.plan.depth,
-        "layers": layer_table(timings),
+        "layers": layer_table([t.layers for t in trips]),
     }
     if baseline:
         say("TenSEAL high-level API baseline on the layers it can express …")

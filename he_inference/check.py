@@ -12,6 +12,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,11 @@ from he_inference.compiler import CompiledModel, CompileOptions, compile_model
 from he_inference.engine import LayerTiming
 from he_inference.ir import trace
 from he_inference.keys import SecretKeys
-from he_inference.server import InferenceServer, decrypt_logits, encrypt_image
+from he_inference.server import InferenceServer, decrypt_logits, encrypt_image, softmax
 
-__all__ = ["compile_checkpoint", "he_check", "layer_table", "read_image"]
+__all__ = ["RoundTrip", "compile_checkpoint", "he_check", "layer_table", "read_image", "round_trips"]
 
 Array = npt.NDArray[np.float64]
-
-
-def _softmax(z: Array) -> Array:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return np.asarray(e / e.sum(axis=-1, keepdims=True))
 
 
 def read_image(path: Path, preprocess: dict[str, Any]) -> Array:
@@ -58,6 +54,35 @@ def compile_checkpoint(model_path: Path, *, calibration: Array | None = None,
     net = trace(ckpt.model.eval(), classes=tuple(ckpt.meta["classes"]))
     meta = {"preprocess": ckpt.meta.get("preprocess", {}), "source": str(model_path), "source_sha256": ckpt.sha256}
     return compile_model(net, options=options, calibration=calibration, meta=meta), ckpt.model.eval()
+
+
+@dataclass
+class RoundTrip:
+    """One encrypted classification, client and server in one process (no network)."""
+
+    logits: Array
+    seconds: float          # client encrypt + server forward pass + client decrypt
+    server_seconds: float
+    layers: list[LayerTiming]
+    upload_bytes: int
+    download_bytes: int
+
+
+def round_trips(model: CompiledModel, keys: SecretKeys, images: Array, *, workers: int,
+                say: Callable[[str], None]) -> tuple[list[RoundTrip], float]:
+    """Encrypt, classify on ciphertext and decrypt each image; returns the trips and the server's start-up seconds."""
+    trips = []
+    with InferenceServer(model, keys.public(), workers=workers, progress=say) as server:
+        for k, image in enumerate(images):
+            t0 = time.perf_counter()
+            upload = encrypt_image(model, keys, image)
+            t1 = time.perf_counter()
+            reply, layers = server.infer(upload)
+            t2 = time.perf_counter()
+            logits = decrypt_logits(model, keys, reply)
+            trips.append(RoundTrip(logits, time.perf_counter() - t0, t2 - t1, layers, len(upload), len(reply)))
+            say(f"{k + 1}/{len(images)}: server {t2 - t1:.2f} s, end to end {trips[-1].seconds:.2f} s")
+        return trips, server.encode_seconds
 
 
 def layer_table(timings: list[list[LayerTiming]]) -> list[dict[str, Any]]:
@@ -93,22 +118,9 @@ def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
     keygen_s = time.perf_counter() - t0
     with torch.no_grad():
         plain = torch_model(torch.as_tensor(checked, dtype=torch.float32)).double().numpy()
-    he, latency, server_s, timings, up, down = [], [], [], [], 0, 0
-    with InferenceServer(model, keys.public(), workers=workers, progress=say) as server:
-        startup_s = server.encode_seconds
-        for k in range(n):
-            t0 = time.perf_counter()
-            upload = encrypt_image(model, keys, checked[k])
-            t1 = time.perf_counter()
-            reply, layers = server.infer(upload)
-            t2 = time.perf_counter()
-            he.append(decrypt_logits(model, keys, reply))
-            latency.append(time.perf_counter() - t0)
-            server_s.append(t2 - t1)
-            timings.append(layers)
-            up, down = max(up, len(upload)), max(down, len(reply))
-            say(f"image {k + 1}/{n}: {latency[-1]:.2f} s")
-    he_logits = np.array(he)
+    trips, startup_s = round_trips(model, keys, checked, workers=workers, say=say)
+    latency = [t.seconds for t in trips]
+    he_logits = np.array([t.logits for t in trips])
     if not np.all(np.isfinite(he_logits)):
         raise HEError("decrypted logits are not finite: CKKS overflow (re-compile with more headroom)")
     err = np.abs(he_logits - plain)
@@ -122,15 +134,16 @@ def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
         "precision_bits": float(-math.log2(max(err.max(), 1e-300))),
         "latency_s_median": statistics.median(latency),
         "latency_s_max": max(latency),
-        "server_s_median": statistics.median(server_s),
-        "upload_bytes": up, "download_bytes": down, "eval_key_bytes": len(keys.public_bytes()),
-        "auc_macro_plain": classification_metrics(_softmax(plain), labels, classes)["auc_macro"],
-        "auc_macro_he": classification_metrics(_softmax(he_logits), labels, classes)["auc_macro"],
+        "server_s_median": statistics.median(t.server_seconds for t in trips),
+        "upload_bytes": max(t.upload_bytes for t in trips), "download_bytes": max(t.download_bytes for t in trips),
+        "eval_key_bytes": len(keys.public_bytes()),
+        "auc_macro_plain": classification_metrics(softmax(plain), labels, classes)["auc_macro"],
+        "auc_macro_he": classification_metrics(softmax(he_logits), labels, classes)["auc_macro"],
         "ckks": {"poly_degree": model.params.poly_degree, "coeff_bits": list(model.params.coeff_bits),
                  "scale_bits": model.params.scale_bits, "depth": model.plan.depth,
                  "rotation_steps": len(model.plan.steps), "masks": len(model.plan.masks)},
         "compile_s": compile_s, "keygen_s": keygen_s, "server_startup_s": startup_s,
-        "layers": layer_table(timings),
+        "layers": layer_table([t.layers for t in trips]),
         "definitions": {
             "latency_s": "client encrypt + server encrypted forward pass + client decrypt, one image, no network",
             "max_abs_logit_err": "max |HE logit - PyTorch float32 logit| over all images and classes",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,11 +23,11 @@ def _layer_progress() -> Progress:
                     TextColumn("{task.fields[layer]}"), TimeElapsedColumn(), console=console, transient=True)
 
 
-def _print_layers(rows: list[dict[str, object]], total: float, title: str) -> None:
+def _print_layers(rows: list[dict[str, Any]], total: float, title: str) -> None:
     table = Table("layer", "seconds", "rotations", "plain mults", "ct mults", title=title)
     for r in rows:
         table.add_row(str(r["layer"]), f"{r['seconds_median']:.3f}", str(r.get("rot", 0)), str(r.get("mulacc", 0)),
-                      str(int(str(r.get("square", 0))) + int(str(r.get("mul", 0)))))
+                      str(r.get("square", 0) + r.get("mul", 0)))
     table.add_row("[bold]total", f"[bold]{total:.3f}", "", "", "")
     out_console.print(table)
 
@@ -137,21 +137,16 @@ def decrypt(
     keys: Annotated[Path, typer.Option(help="The key folder from keygen.")],
 ) -> None:
     """Client: decrypt the logits; prints class probabilities as JSON."""
-    import numpy as np
-
     from he_inference.keys import SecretKeys
     from he_inference.serial import unpack
+    from he_inference.server import prediction
 
     sk = SecretKeys.load(keys)
     data = reply.read_bytes()
     head, _ = unpack(data, "encrypted-logits", source=str(reply))
     logits = sk.decrypt(data, model_sha256=None, source=str(reply))
-    p = np.exp(logits - logits.max())
-    p /= p.sum()
-    classes = head.get("classes") or [str(k) for k in range(len(p))]
-    out_console.print_json(json.dumps({"model_sha256": head["model_sha256"], "prediction": classes[int(p.argmax())],
-                                       "probabilities": dict(zip(classes, map(float, p), strict=True)),
-                                       "logits": dict(zip(classes, map(float, logits), strict=True))}))
+    out_console.print_json(json.dumps({"model_sha256": head["model_sha256"],
+                                       **prediction(logits, head.get("classes") or [])}))
 
 
 @he_app.command()

@@ -18,7 +18,7 @@ import numpy as np
 from federation.errors import HEError
 from he_inference.compiler import ClientModel
 from he_inference.keys import SECRET_FILE, SecretKeys
-from he_inference.server import decrypt_logits, encrypt_image
+from he_inference.server import decrypt_logits, encrypt_image, prediction
 
 __all__ = ["ServiceClient"]
 
@@ -59,12 +59,7 @@ class ServiceClient:
         reply = self._check(self.http.post(f"/infer/{self.key_id}", content=upload, headers={"content-type": OCTET}),
                             "POST /infer")
         logits = decrypt_logits(self.model, self.keys, reply.content, source="service reply")
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        classes = list(self.model.classes) or [str(k) for k in range(len(p))]
-        return {"prediction": classes[int(p.argmax())],
-                "probabilities": dict(zip(classes, map(float, p), strict=True)),
-                "logits": dict(zip(classes, map(float, logits), strict=True)),
+        return {**prediction(logits, self.model.classes),
                 "server_s": float(reply.headers.get("X-Privrad-Seconds", "nan")),
                 "round_trip_s": time.perf_counter() - t0, "upload_bytes": len(upload),
                 "download_bytes": len(reply.content)}

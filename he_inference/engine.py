@@ -20,7 +20,7 @@ import tenseal.sealapi as seal
 
 from federation.errors import CiphertextError, KeyMaterialError
 from he_inference.ckks import CKKSParams, make_context
-from he_inference.keys import PublicKeys, require_public
+from he_inference.keys import PublicKeys, require_keys_for, require_public
 from he_inference.plan import Kind, Plan
 
 __all__ = ["Engine", "LayerTiming"]
@@ -65,10 +65,7 @@ class Engine:
 
     def use_keys(self, keys: PublicKeys) -> None:
         """Evaluate with another client's evaluation keys (same parameters; the plaintexts stay)."""
-        keys = require_public(keys)
-        if keys.params != self.params:
-            raise KeyMaterialError("these evaluation keys are for other CKKS parameters than the model's")
-        keys.require_steps(self.plan.steps)
+        keys = require_keys_for(keys, self.params, self.plan.steps)
         self.relin, self.galois = keys.relin, keys.galois
 
     @property

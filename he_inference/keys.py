@@ -11,6 +11,7 @@ seeded (SEAL ships half of each fresh ciphertext as a PRNG seed), which halves t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -28,7 +29,8 @@ from he_inference.ckks import CKKSParams, make_context
 from he_inference.serial import pack, seal_load, seal_to_bytes, unpack
 
 __all__ = [
-    "INPUT_KIND", "OUTPUT_KIND", "PublicKeys", "SecretKeys", "galois_elements", "require_public",
+    "INPUT_KIND", "OUTPUT_KIND", "PublicKeys", "SecretKeys", "galois_elements", "key_id", "require_keys_for",
+    "require_public",
 ]
 
 SECRET_KIND, PUBLIC_KIND = "secret-keys", "public-keys"
@@ -58,6 +60,20 @@ def require_public(keys: object) -> PublicKeys:
         raise KeyMaterialError("the server takes privrad PublicKeys, not a TenSEAL context"
                                + (" (this one holds a secret key)" if keys.is_private() else ""))
     raise KeyMaterialError(f"the server takes privrad PublicKeys, got {type(keys).__name__}")
+
+
+def require_keys_for(keys: object, params: CKKSParams, steps: Sequence[int]) -> PublicKeys:
+    """``keys`` if they are public keys for ``params`` covering the rotation ``steps``; else a KeyMaterialError."""
+    public = require_public(keys)
+    if public.params != params:
+        raise KeyMaterialError("these evaluation keys are for other CKKS parameters than the model's")
+    public.require_steps(steps)
+    return public
+
+
+def key_id(public_blob: bytes) -> str:
+    """A client's key id: the first 32 hex digits of the sha256 of its serialised evaluation keys."""
+    return hashlib.sha256(public_blob).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,23 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tenseal.sealapi as seal
 
 from federation.errors import CiphertextError, HEError
 from he_inference.engine import Engine, LayerTiming
-from he_inference.keys import INPUT_KIND, OUTPUT_KIND, PublicKeys, load_ciphertexts, require_public
+from he_inference.keys import INPUT_KIND, OUTPUT_KIND, PublicKeys, load_ciphertexts, require_keys_for
 from he_inference.plan import Kind, Plan
 from he_inference.serial import pack, unpack
+
+if TYPE_CHECKING:
+    from he_inference.compiler import CompiledModel
 
 __all__ = ["ParallelEngine", "WorkerTask", "instr_cost", "schedule"]
 
@@ -145,16 +148,15 @@ def _cone(plan: Plan, producer: dict[int, int], reg: int, start: int) -> set[int
 
 
 # -- the worker process ----------------------------------------------------------------------
-def _worker(conn: Connection, model_path: str, keys_blob: bytes | None, me: int, workers: int) -> None:
+def _worker(conn: Connection, model_path: str, digest: str, keys_blob: bytes | None, tasks: list[WorkerTask]) -> None:
+    """One worker: its own column of the coordinator's schedule (one task per layer)."""
     try:
         from he_inference.compiler import CompiledModel
         model = CompiledModel.load(Path(model_path))
+        if model.digest != digest:
+            raise HEError(f"{model_path} is not the model this server was given")
         keysets = {} if keys_blob is None else {"": PublicKeys.from_bytes(keys_blob, model.params, source="keys")}
-        probe = Engine(model.plan, model.params, instrs=())
-        top = probe.top_level
-        tasks = schedule(model.plan, workers, lambda i: instr_cost(model.plan, i, probe.operand_level(i), top))
-        mine = {i for row in tasks for i in row[me].instrs}
-        engine = Engine(model.plan, model.params, instrs=mine)
+        engine = Engine(model.plan, model.params, instrs={i for t in tasks for i in t.instrs})
         conn.send(("ready", engine.encode_seconds))
         while True:
             msg = conn.recv()
@@ -172,11 +174,11 @@ def _worker(conn: Connection, model_path: str, keys_blob: bytes | None, me: int,
             inputs = load_ciphertexts(Path(input_path).read_bytes(), INPUT_KIND, model.params, engine.ctx,
                                       model_sha256=model.digest, source="upload")
             regs: dict[int, seal.Ciphertext] = dict(enumerate(inputs))
-            for li, row in enumerate(tasks):
+            for li, task in enumerate(tasks):
                 if conn.recv() != ("go", li):
                     raise HEError("worker out of step with the coordinator")
                 t0 = time.perf_counter()
-                task, counts = row[me], Counter[str]()
+                counts = Counter[str]()
                 for r, _src in task.loads:
                     ct = seal.Ciphertext()
                     ct.load(engine.ctx, os.path.join(workdir, f"r{r}"))
@@ -202,13 +204,12 @@ class ParallelEngine:
     Use as a context manager; ``infer`` takes and returns the wire containers (bytes).
     """
 
-    def __init__(self, model_path: Path, keys: PublicKeys | None = None, *, workers: int = 2,
+    def __init__(self, model: CompiledModel, model_path: Path, keys: PublicKeys | None = None, *, workers: int = 2,
                  progress: Callable[[str], None] | None = None) -> None:
-        from he_inference.compiler import CompiledModel
-        self.model = CompiledModel.load(Path(model_path))
+        """Start ``workers`` processes; each loads ``model_path``, which must hold ``model``."""
+        self.model = model
         if keys is not None:
-            keys = require_public(keys)
-            keys.require_steps(self.model.plan.steps)
+            keys = require_keys_for(keys, model.params, model.plan.steps)
         if workers < 1:
             raise HEError(f"workers must be ≥ 1, got {workers}")
         self.workers = workers
@@ -222,7 +223,8 @@ class ParallelEngine:
         blob = None if keys is None else keys.blob
         for k in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, str(model_path), blob, k, workers), daemon=True)
+            column = [row[k] for row in self.tasks]
+            proc = ctx.Process(target=_worker, args=(child, str(model_path), model.digest, blob, column), daemon=True)
             proc.start()
             child.close()  # so that a dead worker reads as EOF here
             self._conns.append(parent)
@@ -254,8 +256,7 @@ class ParallelEngine:
 
     def add_keys(self, key_id: str, keys: PublicKeys) -> None:
         """Load another client's evaluation keys into every worker, under ``key_id``."""
-        keys = require_public(keys)
-        keys.require_steps(self.model.plan.steps)
+        keys = require_keys_for(keys, self.model.params, self.model.plan.steps)
         path = os.path.join(self._tmp, f"keys-{key_id or 'default'}")
         Path(path).write_bytes(keys.blob)   # once, in RAM, rather than pickled down every pipe
         try:
@@ -324,10 +325,3 @@ class ParallelEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def counts_by_layer(timings: list[LayerTiming]) -> dict[str, dict[str, int]]:
-    """Operation counts per layer, for reports."""
-    out: dict[str, dict[str, int]] = defaultdict(dict)
-    for t in timings:
-        out[t.name] = dict(t.counts)
-    return dict(out)

@@ -8,11 +8,11 @@ and runs on one process or several (:mod:`he_inference.parallel`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,20 +25,16 @@ from he_inference.keys import (
     OUTPUT_KIND,
     PublicKeys,
     SecretKeys,
+    key_id,
     load_ciphertexts,
     pack_ciphertexts,
-    require_public,
+    require_keys_for,
 )
 from he_inference.parallel import ParallelEngine
 
-__all__ = ["InferenceServer", "decrypt_logits", "encrypt_image", "key_id_of"]
+__all__ = ["InferenceServer", "decrypt_logits", "encrypt_image", "prediction", "softmax"]
 
 Array = npt.NDArray[np.float64]
-
-
-def key_id_of(keys: PublicKeys) -> str:
-    """A client's key id: the first 32 hex digits of its evaluation keys' sha256."""
-    return hashlib.sha256(keys.blob).hexdigest()[:32]
 
 
 def encrypt_image(model: CompiledModel | ClientModel, keys: SecretKeys, image: Array) -> bytes:
@@ -51,6 +47,21 @@ def encrypt_image(model: CompiledModel | ClientModel, keys: SecretKeys, image: A
     if not isinstance(keys, SecretKeys):
         raise HEError("encryption needs the client's SecretKeys")
     return keys.encrypt(model.pack(image), model_sha256=model.digest)
+
+
+def softmax(logits: Array) -> Array:
+    """Class probabilities from logits (last axis)."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+def prediction(logits: Array, classes: Sequence[str]) -> dict[str, Any]:
+    """The decrypted answer for one image: predicted class, probabilities and logits by class name."""
+    p = softmax(logits)
+    names = list(classes) or [str(k) for k in range(len(p))]
+    return {"prediction": names[int(p.argmax())], "probabilities": dict(zip(names, map(float, p), strict=True)),
+            "logits": dict(zip(names, map(float, logits), strict=True))}
 
 
 def decrypt_logits(model: CompiledModel | ClientModel, keys: SecretKeys, data: bytes, *,
@@ -69,10 +80,7 @@ class InferenceServer:
         self.workers = max(1, int(workers))
         self._keysets: dict[str, PublicKeys] = {}
         if keys is not None:
-            keys = require_public(keys)
-            if keys.params != model.params:
-                raise KeyMaterialError("these evaluation keys are for other CKKS parameters than the model's")
-            keys.require_steps(model.plan.steps)
+            keys = require_keys_for(keys, model.params, model.plan.steps)
             self._keysets[""] = keys
         self._pool: ParallelEngine | None = None
         self._engine: Engine | None = None
@@ -86,24 +94,22 @@ class InferenceServer:
                 os.close(fd)
                 model_path = Path(self._tmpfile)
                 model.save(model_path)
-            self._pool = ParallelEngine(model_path, keys, workers=self.workers, progress=progress)
-            if self._pool.model.digest != model.digest:
-                self.close()
-                raise HEError(f"{model_path} is not the model this server was given")
+            try:
+                self._pool = ParallelEngine(model, model_path, keys, workers=self.workers, progress=progress)
+            except BaseException:
+                self.close()   # the temporary model file
+                raise
             self.encode_seconds = self._pool.encode_seconds
 
     def register(self, keys: PublicKeys) -> str:
         """Add another client's evaluation keys (the encoded model is shared); returns its key id."""
-        keys = require_public(keys)
-        if keys.params != self.model.params:
-            raise KeyMaterialError("these evaluation keys are for other CKKS parameters than the model's")
-        keys.require_steps(self.model.plan.steps)
-        key_id = key_id_of(keys)
-        if key_id not in self._keysets:
+        keys = require_keys_for(keys, self.model.params, self.model.plan.steps)
+        kid = key_id(keys.blob)
+        if kid not in self._keysets:
             if self._pool is not None:
-                self._pool.add_keys(key_id, keys)
-            self._keysets[key_id] = keys
-        return key_id
+                self._pool.add_keys(kid, keys)
+            self._keysets[kid] = keys
+        return kid
 
     def forget(self, key_id: str) -> None:
         """Release a client's evaluation keys (not the ones the server was built with)."""

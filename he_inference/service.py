@@ -20,7 +20,6 @@ uses every core); concurrent requests queue.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -34,8 +33,8 @@ from fastapi.responses import JSONResponse, Response
 
 from federation.errors import CiphertextError, HEError, KeyMaterialError
 from he_inference.compiler import CompiledModel
-from he_inference.keys import PublicKeys
-from he_inference.server import InferenceServer, key_id_of
+from he_inference.keys import PublicKeys, key_id
+from he_inference.server import InferenceServer
 
 __all__ = ["ServiceLimits", "create_app", "free_port", "serve", "start_service"]
 
@@ -106,7 +105,7 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
     @app.post("/keys")
     async def register(request: Request) -> dict[str, Any]:
         blob = await _body(request, limits.max_key_bytes, "the evaluation keys")
-        known_id = hashlib.sha256(blob).hexdigest()[:32]
+        known_id = key_id(blob)
         if known_id in recent:   # the same keys again: nothing to load
             recent.move_to_end(known_id)
             return {"key_id": known_id, "new": False}
@@ -119,20 +118,20 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
 
         def add() -> tuple[str, bool]:
             with lock:
-                known = key_id_of(keys) in recent
-                key_id = server.register(keys)
-                recent[key_id] = None
-                recent.move_to_end(key_id)
+                new = known_id not in recent
+                kid = server.register(keys)
+                recent[kid] = None
+                recent.move_to_end(kid)
                 while len(recent) > limits.max_clients:
                     old, _ = recent.popitem(last=False)
                     server.forget(old)
-                return key_id, not known
+                return kid, new
 
         try:
-            key_id, new = await anyio.to_thread.run_sync(add)
+            kid, new = await anyio.to_thread.run_sync(add)
         except KeyMaterialError as exc:
             raise RefusalError(422, "bad_keys", str(exc)) from exc
-        return {"key_id": key_id, "new": new}
+        return {"key_id": kid, "new": new}
 
     @app.post("/infer/{key_id}")
     async def infer(key_id: str, request: Request) -> Response:
