@@ -106,7 +106,7 @@ class HospitalClient(NumPyClient):
     def train_config(self, server_round: int) -> TrainConfig:
         """Local optimiser settings; the seed differs per round and site."""
         return TrainConfig(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.learning_rate,
-                           optimizer=self.cfg.optimizer, schedule="constant",
+                           optimizer=self.cfg.optimizer, schedule="constant", augment=self.cfg.augment,
                            seed=zlib.crc32(f"{self.cfg.seed}/{self.site}/{server_round}".encode()))
 
     def fit(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:

@@ -3,8 +3,9 @@
 import json
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +17,7 @@ from federation.model import ArchConfig, HeadKind, ModelKind
 
 if TYPE_CHECKING:
     from federation.config import RunConfig
+    from simulations.budget import SweepConfig
 
 app = typer.Typer(
     name="privrad",
@@ -272,6 +274,126 @@ def scan(
         out_console.print(f"skipped {s.path}: {s.reason}")
     if problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def budget(
+    data: Annotated[Path, typer.Option(help="Data folder with labelled DICOM site-K/ folders, test/ "
+                                            "(and public/ for pretraining).")],
+    out: Annotated[Path, typer.Option(help="Sweep folder (resumed if it exists with the same settings).")],
+    epsilons: Annotated[str, typer.Option(help="Target ε per site, comma separated; inf = DP-SGD off.")
+                        ] = "1,2,4,8,inf",
+    seeds: Annotated[int, typer.Option(help="Seeds per ε.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Federated rounds per run.")] = 10,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 2,
+    holdout: Annotated[float, typer.Option(help="Share of each site's records held out of training as the "
+                                                "membership audit's non-members.")] = 0.5,
+    delta: Annotated[float, typer.Option(help="δ of every site.")] = 1e-5,
+    pretrain_epochs: Annotated[int, typer.Option(help="Public pretraining epochs of the initial model "
+                                                      "(0 = random start).")] = 15,
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
+    secagg: Annotated[bool, typer.Option(help="Secure aggregation (Flower SecAgg+).")] = True,
+    augment: Annotated[bool, typer.Option(help="Random horizontal flips in local training (--no-augment "
+                                               "overfits more: the membership audit's positive control).")] = True,
+    inversion: Annotated[bool, typer.Option(help="Also run the gradient-inversion audit (inversion.json/.png).")
+                         ] = True,
+) -> None:
+    """Privacy-budget sweep: federated DP runs per target ε × seed, membership audit, plots (resumable)."""
+    from simulations.budget import SweepConfig, SweepPoint, parse_epsilons, plan, run_sweep
+
+    cfg = SweepConfig(data=str(data), out=str(out), epsilons=parse_epsilons(epsilons), seeds=seeds,
+                      rounds=rounds, local_epochs=local_epochs, holdout=holdout, delta=delta,
+                      pretrain_epochs=pretrain_epochs, image_size=size, secagg=secagg, augment=augment)
+    start = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task("budget sweep", total=len(plan(cfg)), info="preparing (split, pretraining, "
+                                                                       "centralised reference)")
+
+        def on_point(point: SweepPoint, result: dict[str, Any] | None) -> None:
+            if result is None:
+                bar.update(task, info=f"running {point.name}")
+                return
+            mia = result["membership"].get("calibrated", result["membership"]["loss"])
+            bar.update(task, advance=1, info=f"{point.name}: AUC {result['auc_macro']:.3f}, "
+                                             f"attack AUC {mia['auc']:.3f}")
+
+        summary = run_sweep(cfg, on_point=on_point)
+    if inversion:
+
+        _print_inversion(_run_inversion(cfg))
+    _print_budget(summary, out)
+    out_console.print(f"wall time {time.perf_counter() - start:.0f} s; wrote {out}/budget.json, audit.json, "
+                      f"budget.png, audit.png{', inversion.json, inversion.png' if inversion else ''}; "
+                      f"`privrad report {out}` renders the report")
+
+
+def _print_budget(summary: dict[str, Any], out: Path) -> None:
+    audit = json.loads((out / "audit.json").read_text())
+    attacks = {r["epsilon"]: r["attacks"] for r in audit["points"]}
+    table = Table("target ε", "achieved ε (max)", "σ", "macro-AUC", "attack AUC (calibrated)",
+                  "TPR @ 1% FPR", title=f"budget sweep {out}")
+    for row in summary["points"]:
+        a = attacks[row["epsilon"]].get("calibrated") or attacks[row["epsilon"]]["loss"]
+        achieved = row.get("epsilon_achieved")
+        table.add_row(row["epsilon"], f"{achieved['max']:.3f}" if achieved else "–",
+                      ", ".join(f"{s:.3f}" for s in row.get("noise_multiplier", [])) or "–",
+                      f"{row['auc_macro']['mean']:.3f} ± {row['auc_macro']['std']:.3f}",
+                      f"{a['auc']['mean']:.3f} ± {a['auc']['std']:.3f}",
+                      f"{a['tpr_at_fpr']['0.01']['mean']:.3f}")
+    out_console.print(table)
+    for key, ref in summary["references"].items():
+        out_console.print(f"{key.replace('_', ' ')}: macro-AUC {ref['mean']:.3f} ± {ref['std']:.3f}")
+
+
+@app.command()
+def invert(
+    run: Annotated[Path, typer.Argument(help="A budget sweep folder (uses its seed-0 initial model, sites and σ).")],
+    batch_size: Annotated[int, typer.Option(help="Images in each site's attacked batch.")] = 1,
+    iterations: Annotated[int, typer.Option(help="Gradient-matching iterations per restart.")] = 1500,
+    restarts: Annotated[int, typer.Option(help="Random restarts; the attacker keeps its best match.")] = 2,
+) -> None:
+    """Gradient-inversion audit of a sweep: plain update, SecAgg+ (masked and aggregate), DP-SGD."""
+    from privacy.inversion import InversionConfig
+    from simulations.budget import load_sweep
+
+    cfg = load_sweep(run)
+    out = _run_inversion(cfg, batch_size=batch_size, attack=InversionConfig(iterations=iterations, restarts=restarts))
+    _print_inversion(out)
+    out_console.print(f"wrote {run}/inversion.json and {run}/inversion.png")
+
+
+def _run_inversion(cfg: "SweepConfig", **kw: Any) -> dict[str, Any]:
+    """The gradient-inversion audit of a sweep, one progress bar per setting."""
+    from privacy.inversion import run_inversion_audit
+
+    with _progress() as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(setting: str, done: int, total: int) -> None:
+            if setting not in tasks:
+                tasks[setting] = bar.add_task(f"invert {setting}", total=total, info="")
+            bar.update(tasks[setting], completed=done)
+
+        return run_inversion_audit(cfg, progress=progress, **kw)
+
+
+def _print_inversion(out: dict[str, Any]) -> None:
+    table = Table("setting", "what the server holds", "best SSIM", "PSNR dB", title="gradient inversion")
+    for name, v in out["settings"].items():
+        table.add_row(name, v["about"], f"{v['best_ssim']:.3f}", f"{v['best_psnr']:.1f}")
+    out_console.print(table)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A budget sweep folder or a federated run folder.")],
+    out: Annotated[Path | None, typer.Option(help="HTML file to write (default RUN/report.html).")] = None,
+) -> None:
+    """Render a self-contained HTML report (settings, tables, inlined plots) of a sweep or a run."""
+    from simulations.report import render_report
+
+    path = render_report(run, out)
+    out_console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
 def _print_metrics(metrics: dict[str, object], *, title: str) -> None:

@@ -53,6 +53,7 @@ class RunConfig:
     batch_size: int = 32
     learning_rate: float = 3e-3
     optimizer: str = "adamw"
+    augment: bool = True
     image_size: int = 64
     head: str = "flatten"
     data_dir: str = ""

@@ -106,3 +106,26 @@ def run_federated(cfg: RunConfig, *, sites: int | None = None, cpus_per_client: 
         raise DataError(out, "the federated run wrote no metrics.json: the ServerApp failed (see the log)")
     metrics = json.loads(metrics_file.read_text())
     return FederatedResult(metrics=metrics, out=out, seconds=seconds, peak_rss_mb=sampler.peak_mb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simulations.federated CONFIG.json``: one run from a flat run-config file.
+
+    Runners that need a fresh process per run (a parameter sweep: Ray and Opacus keep
+    process-wide state) call this; the exit status is 0 when ``metrics.json`` was written.
+    """
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m simulations.federated CONFIG.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = RunConfig.from_flower(json.loads(Path(args[0]).read_text()))
+    result = run_federated(cfg)
+    log.info("finished in %.0f s, final macro-AUC %s", result.seconds, result.metrics["final"].get("auc_macro"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

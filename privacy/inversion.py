@@ -1,0 +1,319 @@
+"""Gradient-inversion audit: whether the server can rebuild a hospital's image from what it receives.
+
+The attack is gradient matching (Geiping et al. 2020, "Inverting Gradients"): starting from
+noise, optimise dummy images until the gradient they induce in the known global model has
+the direction of the observed update (cosine distance, plus a total-variation prior). The
+attacker knows the global weights (it sent them) and, as the worst case, the labels.
+
+Setting: FedSGD, the attack's best case. A site computes the gradient of one small batch
+at the global weights and sends it (a plain SGD step ``w − η·g`` gives ``g`` exactly).
+What the server holds differs per protection:
+
+* ``plain``: the site's gradient itself.
+* ``secagg-masked``: the same update as Flower's SecAgg+ client uploads it, quantised with
+  Flower's own ``quantize`` and masked with ``pseudo_rand_gen`` (a private mask and a
+  pairwise mask from an ECDH shared key). The server dequantises it as if unmasked.
+* ``secagg-aggregate``: what SecAgg+ lets the server learn, the sum of all sites'
+  updates; the attacker reconstructs one image per image in the sum.
+* ``dp``: the site's step under DP-SGD, per-sample clipped and noised by Opacus's own
+  ``DPOptimizer`` at the σ a sweep point used.
+
+Success is the SSIM/PSNR of each true image against its best-matching reconstruction
+(scikit-image); the attacker keeps the restart with the lowest matching loss, it never
+sees the true images.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torch import nn
+
+from federation.errors import ConfigError
+
+if TYPE_CHECKING:
+    from simulations.budget import SweepConfig
+
+__all__ = [
+    "InversionConfig",
+    "Reconstruction",
+    "batch_gradient",
+    "dp_gradient",
+    "image_similarity",
+    "invert",
+    "run_inversion_audit",
+    "secagg_masked_gradient",
+]
+
+log = logging.getLogger(__name__)
+
+Grads = list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Attack settings (defaults: Geiping et al.'s recipe, sized for 64×64 on a CPU)."""
+
+    iterations: int = 1500
+    lr: float = 0.1
+    tv_weight: float = 1e-3
+    restarts: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.restarts < 1:
+            raise ConfigError(f"iterations and restarts must be at least 1, got {self.iterations}, {self.restarts}")
+        if not self.lr > 0 or self.tv_weight < 0:
+            raise ConfigError(f"lr must be positive and tv_weight not negative, got {self.lr}, {self.tv_weight}")
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """The attacker's best restart and how close it came to the truth."""
+
+    images: torch.Tensor  # (K, 1, H, W) in [0, 1]
+    matching_loss: float
+    ssim: list[float] = field(default_factory=list)  # per true image, against its best match
+    psnr: list[float] = field(default_factory=list)
+    match: list[int] = field(default_factory=list)  # index of each true image's best reconstruction
+    seconds: float = 0.0
+
+
+def batch_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Grads:
+    """The mean cross-entropy gradient of a batch: a FedSGD site's plain update."""
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(images), labels)
+    return [g.detach() for g in torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])]
+
+
+def dp_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, noise_multiplier: float,
+                max_grad_norm: float, seed: int = 0) -> Grads:
+    """The same step under DP-SGD: Opacus clips each sample's gradient, sums, adds N(0, σ²C²), averages."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    net = copy.deepcopy(model).train()  # Opacus records activations only in training mode (no BN, no dropout here)
+    gsm = GradSampleModule(net)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    torch.manual_seed(seed)  # Opacus draws its noise from torch's generator (secure_mode off)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        opt = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=noise_multiplier,
+                          max_grad_norm=max_grad_norm, expected_batch_size=len(images))
+    opt.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss: torch.Tensor = nn.functional.cross_entropy(gsm(images), labels)
+        loss.backward()  # type: ignore[no-untyped-call]
+    opt.pre_step()  # clip per sample, add noise, scale: p.grad is what the site would apply
+    grads = [p.grad.detach().clone() for p in params if p.grad is not None]
+    gsm._close()
+    return grads
+
+
+def secagg_masked_gradient(grads: Grads, *, lr: float, clipping_range: float = 8.0,
+                           target_range: int = 1 << 22, mod_range: int = 1 << 32) -> Grads:
+    """What the server receives from one site under SecAgg+, read as if it were a plain update.
+
+    The site's step ``-lr·g`` is quantised and masked exactly as Flower's ``secaggplus_mod``
+    does (private mask + one pairwise mask, modulo ``mod_range``); the attacker dequantises
+    the masked integers and divides by ``-lr`` to get a "gradient".
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_addition, parameters_mod
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    update = [(-lr * g).numpy().astype(np.float64) for g in grads]
+    quantized = quantize(update, clipping_range, target_range)
+    dims = [a.shape for a in quantized]
+    private = pseudo_rand_gen(os.urandom(32), mod_range, dims)
+    mine, peer = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    pairwise = pseudo_rand_gen(generate_shared_key(mine, peer.public_key()), mod_range, dims)
+    masked = parameters_mod(parameters_addition(parameters_addition(quantized, private), pairwise), mod_range)
+    seen = dequantize([a % target_range for a in masked], clipping_range, target_range)  # no unmasking possible
+    return [torch.as_tensor(a / -lr, dtype=torch.float32) for a in seen]
+
+
+def _tv(x: torch.Tensor) -> torch.Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def _cosine_distance(a: Grads, b: Grads) -> torch.Tensor:
+    dot = torch.stack([(x * y).sum() for x, y in zip(a, b, strict=True)]).sum()
+    na = torch.stack([(x * x).sum() for x in a]).sum().sqrt()
+    nb = torch.stack([(y * y).sum() for y in b]).sum().sqrt()
+    return 1 - dot / (na * nb + 1e-12)
+
+
+def invert(model: nn.Module, target: Grads, labels: torch.Tensor, *, shape: Sequence[int],
+           config: InversionConfig = InversionConfig(),
+           progress: Callable[[int], None] | None = None) -> Reconstruction:
+    """Gradient matching: the dummy batch (one image per label) whose gradient best matches ``target``.
+
+    ``progress(n)`` is called every 100 iterations with the number done.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if len(params) != len(target):
+        raise ConfigError(f"target has {len(target)} gradients, the model {len(params)} parameters")
+    model.eval()
+    gen = torch.Generator().manual_seed(config.seed)
+    best: tuple[float, torch.Tensor] | None = None
+    start = time.perf_counter()
+    milestones = [int(config.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+    for _ in range(config.restarts):
+        x = torch.rand((len(labels), *shape), generator=gen).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=config.lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+        for it in range(config.iterations):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), labels)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            objective = _cosine_distance(list(grads), target) + config.tv_weight * _tv(x)
+            x.grad, = torch.autograd.grad(objective, [x])
+            x.grad.sign_()  # signed gradients, as in Inverting Gradients
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                x.clamp_(0, 1)
+            if progress is not None and (it + 1) % 100 == 0:
+                progress(100)
+        final = nn.functional.cross_entropy(model(x.detach()), labels)
+        final_loss = float(_cosine_distance(list(torch.autograd.grad(final, params)), target))
+        if best is None or final_loss < best[0]:
+            best = (final_loss, x.detach().clone())
+    assert best is not None
+    return Reconstruction(images=best[1], matching_loss=best[0], seconds=time.perf_counter() - start)
+
+
+def image_similarity(truth: torch.Tensor, recon: torch.Tensor) -> tuple[float, float]:
+    """SSIM and PSNR (dB) of two ``(1, H, W)`` images in [0, 1] (scikit-image, data range 1)."""
+    a, b = truth.squeeze(0).double().numpy(), recon.squeeze(0).double().numpy()
+    ssim = float(structural_similarity(a, b, data_range=1.0))  # type: ignore[no-untyped-call]
+    with np.errstate(divide="ignore"):
+        psnr = float(peak_signal_noise_ratio(a, b, data_range=1.0))  # type: ignore[no-untyped-call]
+    return ssim, psnr
+
+
+def score(truth: torch.Tensor, rec: Reconstruction) -> Reconstruction:
+    """``rec`` with SSIM/PSNR of each true image against its best-matching reconstruction (by SSIM)."""
+    ssim, psnr, match = [], [], []
+    for t in truth:
+        pairs = [image_similarity(t, r) for r in rec.images]
+        k = int(np.argmax([s for s, _ in pairs]))
+        ssim.append(pairs[k][0])
+        psnr.append(pairs[k][1])
+        match.append(k)
+    return Reconstruction(rec.images, rec.matching_loss, ssim, psnr, match, rec.seconds)
+
+
+# ----------------------------------------------------------------------------- the audit of a sweep
+def _sigmas(cfg: SweepConfig) -> dict[str, float]:
+    """σ each finite-ε point of the sweep used (from budget.json), largest and smallest ε."""
+    budget = json.loads((cfg.run / "budget.json").read_text())
+    found = {r["epsilon"]: r["noise_multiplier"][0] for r in budget["points"] if r.get("noise_multiplier")}
+    if not found:
+        raise ConfigError(f"{cfg.run}/budget.json has no finite-ε point to take σ from")
+    keys = sorted(found, key=float)
+    return {k: found[k] for k in dict.fromkeys([keys[-1], keys[0]])}
+
+
+def run_inversion_audit(cfg: SweepConfig, *, batch_size: int = 1, attack: InversionConfig = InversionConfig(),
+                        step_lr: float | None = None,
+                        progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Attack each setting on seed 0's initial global model and site-1's first images; write inversion.json/.png.
+
+    ``progress(setting, done, total)`` reports iterations.
+    """
+    from clients.ingest import Preprocess, load_dataset
+    from federation.storage import atomic_write_json, load_checkpoint
+    from simulations.centralised import site_folders
+
+    model = load_checkpoint(cfg.run / "init" / "seed-0.pt").model
+    for p in model.parameters():
+        p.requires_grad_(True)
+    pre = Preprocess(size=cfg.image_size)
+    sites = [load_dataset(s, preprocess=pre) for s in site_folders(cfg.run / "data")]
+    gen = torch.Generator().manual_seed(attack.seed)
+    batches = []
+    for s in sites:
+        idx = torch.randperm(len(s), generator=gen)[:batch_size]
+        batches.append((s.images[idx], s.labels[idx]))
+    x, y = batches[0]
+    shape = tuple(x.shape[1:])
+    lr = step_lr if step_lr is not None else cfg.learning_rate
+    plain = batch_gradient(model, x, y)
+    settings: dict[str, tuple[Grads, torch.Tensor, torch.Tensor, str]] = {
+        "plain": (plain, y, x, f"one site's gradient, batch {batch_size}"),
+        "secagg-masked": (secagg_masked_gradient(plain, lr=lr, clipping_range=8.0), y, x,
+                          "the same upload as SecAgg+ masks it"),
+    }
+    agg = [sum(gs) / len(batches) for gs in zip(*(batch_gradient(model, bx, by) for bx, by in batches),
+                                                 strict=True)]
+    all_x = torch.cat([bx for bx, _ in batches])
+    all_y = torch.cat([by for _, by in batches])
+    settings["secagg-aggregate"] = ([torch.as_tensor(g) for g in agg], all_y, all_x,
+                                    f"sum of {len(batches)} sites' updates (what SecAgg+ reveals)")
+    for eps, sigma in _sigmas(cfg).items():
+        settings[f"dp-eps-{eps}"] = (dp_gradient(model, x, y, noise_multiplier=sigma,
+                                                 max_grad_norm=cfg.max_grad_norm, seed=attack.seed),
+                                     y, x, f"DP-SGD step, σ {sigma:.3f} (target ε {eps})")
+    results: dict[str, Any] = {}
+    panel: list[tuple[str, torch.Tensor, torch.Tensor, float, float]] = []
+    for name, (grads, labels, truth, about) in settings.items():
+        total = attack.iterations * attack.restarts
+        done = 0
+
+        def tick(n: int, name: str = name, total: int = total) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(name, done, total)
+
+        rec = score(truth, invert(model, grads, labels, shape=shape, config=attack, progress=tick))
+        best = int(np.argmax(rec.ssim))
+        results[name] = {"about": about, "images_in_update": len(labels), "ssim": rec.ssim, "psnr": rec.psnr,
+                         "best_ssim": max(rec.ssim), "best_psnr": rec.psnr[best],
+                         "matching_loss": rec.matching_loss, "seconds": rec.seconds}
+        panel.append((name, truth[best], rec.images[rec.match[best]], rec.ssim[best], rec.psnr[best]))
+        log.info("inversion %s: best SSIM %.3f, PSNR %.1f dB", name, max(rec.ssim), rec.psnr[best])
+    out = {"about": __doc__.split("\n\n")[0] if __doc__ else "", "model": str(cfg.run / "init" / "seed-0.pt"),
+           "batch_size": batch_size, "attack": asdict(attack), "labels_known": True, "settings": results}
+    atomic_write_json(cfg.run / "inversion.json", out)
+    plot_inversion(panel, cfg.run / "inversion.png")
+    return out
+
+
+def plot_inversion(panel: Sequence[tuple[str, torch.Tensor, torch.Tensor, float, float]], path: Path) -> None:
+    """Two rows: each setting's true image and the attacker's best reconstruction, with SSIM/PSNR."""
+    import matplotlib.pyplot as plt
+
+    from simulations.plots import save_figure
+
+    fig, axes = plt.subplots(2, len(panel), figsize=(2.3 * len(panel), 5.6), dpi=110, squeeze=False)
+    for i, (name, truth, rec, ssim, psnr) in enumerate(panel):
+        axes[0][i].imshow(truth.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[0][i].set_title(f"{name}\ntrue image", fontsize=8)
+        axes[1][i].imshow(rec.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
+        shown = "∞" if math.isinf(psnr) else f"{psnr:.1f}"
+        axes[1][i].set_title(f"reconstruction\nSSIM {ssim:.3f}, PSNR {shown} dB", fontsize=8)
+        for ax in (axes[0][i], axes[1][i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("gradient inversion (Inverting Gradients) against what the server receives", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)

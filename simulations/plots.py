@@ -1,0 +1,135 @@
+"""Plots of a privacy-budget sweep: utility and membership leakage versus ε, attack ROC curves."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from federation.storage import atomic_write_bytes
+
+__all__ = ["plot_audit_roc", "plot_budget", "save_figure"]
+
+ATTACK_STYLE = {"loss": ("tab:orange", "o", "loss attack"), "calibrated": ("tab:red", "s", "calibrated attack")}
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as PNG atomically and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _positions(labels: list[str]) -> tuple[list[float], list[str]]:
+    """X positions on a log axis; ``inf`` is drawn one octave right of the largest finite ε."""
+    finite = [float(e) for e in labels if e != "inf"]
+    right = max(finite) * 2 if finite else 1.0
+    xs = [right if e == "inf" else float(e) for e in labels]
+    names = ["∞\n(no DP)" if e == "inf" else e for e in labels]
+    return xs, names
+
+
+def _eps_axis(ax: Axes, xs: list[float], names: list[str]) -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(xs, names)
+    ax.minorticks_off()
+    ax.set_xlabel("target ε per site")
+    ax.grid(alpha=0.3)
+
+
+def plot_budget(budget: dict[str, Any], audit: dict[str, Any], path: Path) -> None:
+    """Three panels: macro-AUC versus ε (mean ± sd over seeds) with reference lines; attack AUC; TPR at 1% FPR."""
+    rows = budget["points"]
+    labels = [r["epsilon"] for r in rows]
+    xs, names = _positions(labels)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
+    ax = axes[0]
+    ax.errorbar(xs, [r["auc_macro"]["mean"] for r in rows], yerr=[r["auc_macro"]["std"] for r in rows],
+                fmt="o-", capsize=4, color="tab:blue", label="federated DP-SGD + SecAgg+")
+    refs = budget["references"]
+    styles = {"federated_nonprivate": ("--", "tab:green", "federated, no DP"),
+              "centralised": (":", "black", "centralised, no DP"),
+              "initial_model": ("-.", "tab:gray", "initial (public-pretrained)")}
+    for key, (ls, color, label) in styles.items():
+        if key in refs:
+            m, s = refs[key]["mean"], refs[key]["std"]
+            ax.axhline(m, ls=ls, color=color, label=f"{label} {m:.3f}")
+            if s > 0:
+                ax.axhspan(m - s, m + s, color=color, alpha=0.08)
+    ax.set_ylabel("test macro-AUC")
+    n = max((r["auc_macro"]["n"] for r in rows), default=0)
+    ax.set_title(f"utility (mean ± sd, {n} seed{'s' if n != 1 else ''})")
+    _eps_axis(ax, xs, names)
+    ax.legend(fontsize=8, loc="lower right")
+
+    arows = {r["epsilon"]: r for r in audit["points"]}
+    for panel, (key, title) in enumerate((("auc", "membership attack AUC"),
+                                          ("tpr", "attack TPR at 1% FPR"))):
+        ax = axes[panel + 1]
+        for name, (color, marker, label) in ATTACK_STYLE.items():
+            ys, es = [], []
+            for e in labels:
+                a = arows[e]["attacks"].get(name)
+                stat = None if a is None else a["auc"] if key == "auc" else a["tpr_at_fpr"]["0.01"]
+                y = stat["mean"] if stat else math.nan
+                ys.append(max(y, 1e-3) if key == "tpr" else y)
+                es.append(stat["std"] if stat else 0.0)
+            ax.errorbar(xs, ys, yerr=es, fmt=f"{marker}-", capsize=4, color=color, label=label)
+        central = audit.get("centralised_nonprivate", {}).get("calibrated")
+        if key == "auc":
+            ax.axhline(0.5, color="tab:gray", lw=1, label="chance")
+            if central:
+                ax.axhline(central["auc"]["mean"], ls=":", color="black",
+                           label=f"centralised, no DP (calibrated) {central['auc']['mean']:.3f}")
+            ax.set_ylabel("attack ROC AUC")
+        else:
+            ax.axhline(0.01, color="tab:gray", lw=1, label="chance (TPR = FPR)")
+            bx = [x for x, e in zip(xs, labels, strict=True) if e != "inf"]
+            by = [arows[e]["dp_bound_tpr_at_fpr"]["0.01"] for e in labels if e != "inf"]
+            if bx:
+                ax.plot(bx, by, "^--", color="tab:purple", label="DP bound e^ε·FPR + δ")
+            ax.set_yscale("log")
+            ax.set_ylim(5e-4, 1.5)
+            ax.set_ylabel("TPR at FPR = 0.01 (0 drawn at 1e-3)")
+        ax.set_title(title)
+        _eps_axis(ax, xs, names)
+        ax.legend(fontsize=8)
+    fig.suptitle("privacy budget sweep: what each ε costs in accuracy and what it buys against membership inference",
+                 fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_audit_roc(audit: dict[str, Any], path: Path) -> None:
+    """Log-log ROC of the calibrated (else loss) attack per ε, first seed, with the diagonal."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
+    cmap = plt.get_cmap("viridis")
+    rows = audit["points"]
+    for i, row in enumerate(rows):
+        attacks = row["attacks"]
+        name = "calibrated" if "calibrated" in attacks else "loss"
+        roc = attacks[name]["roc"][0]
+        color = cmap(i / max(len(rows) - 1, 1))
+        eps = "∞ (no DP)" if row["epsilon"] == "inf" else row["epsilon"]
+        ax.plot(roc["fpr"], roc["tpr"], color=color, label=f"ε = {eps}: AUC {attacks[name]['auc']['values'][0]:.3f}")
+    ax.plot([1e-4, 1], [1e-4, 1], color="tab:gray", lw=1, ls="--", label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("membership attack ROC (calibrated, seed 0)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
