@@ -135,6 +135,7 @@ def simulate(
     init_model: Annotated[Path | None, typer.Option(help="Start from this model.pt instead.")] = None,
     optimizer: Annotated[str, typer.Option(help="Local optimiser: adamw or sgd.")] = "adamw",
     lr: Annotated[float, typer.Option(help="Local learning rate.")] = 3e-3,
+    augment: Annotated[bool, typer.Option(help="Random horizontal flips in local training.")] = True,
     secagg_timeout: Annotated[float, typer.Option(help="Seconds SecAgg+ waits for a stage.")] = 120.0,
     central_dp: Annotated[bool, typer.Option(help="Site-level central DP: sites clip their update, the "
                                                   "server noises the aggregate.")] = False,
@@ -154,7 +155,7 @@ def simulate(
                       noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
                       image_size=size, strategy=strategy, proximal_mu=proximal_mu, secagg_timeout=secagg_timeout,
                       seed=seed, head=head,
-                      optimizer=optimizer, learning_rate=lr, public_dir=str(public or ""),
+                      optimizer=optimizer, learning_rate=lr, augment=augment, public_dir=str(public or ""),
                       pretrain_epochs=pretrain_epochs, initial_model=str(init_model or ""),
                       central_dp=central_dp, central_clipping_norm=central_clipping_norm,
                       central_noise_multiplier=central_noise_multiplier,
@@ -319,7 +320,6 @@ def budget(
 
         summary = run_sweep(cfg, on_point=on_point)
     if inversion:
-
         _print_inversion(_run_inversion(cfg))
     _print_budget(summary, out)
     out_console.print(f"wall time {time.perf_counter() - start:.0f} s; wrote {out}/budget.json, audit.json, "
@@ -348,16 +348,26 @@ def _print_budget(summary: dict[str, Any], out: Path) -> None:
 @app.command()
 def invert(
     run: Annotated[Path, typer.Argument(help="A budget sweep folder (uses its seed-0 initial model, sites and σ).")],
-    batch_size: Annotated[int, typer.Option(help="Images in each site's attacked batch.")] = 1,
-    iterations: Annotated[int, typer.Option(help="Gradient-matching iterations per restart.")] = 1500,
-    restarts: Annotated[int, typer.Option(help="Random restarts; the attacker keeps its best match.")] = 2,
+    batch_sizes: Annotated[str, typer.Option(help="Images in each site's attacked batch, comma separated.")
+                           ] = "1,32",
+    method: Annotated[str, typer.Option(help="features (recover the classifier input, invert the features) "
+                                             "or gradients (Inverting Gradients).")] = "features",
+    iterations: Annotated[int, typer.Option(help="Optimisation steps per restart.")] = 1000,
+    restarts: Annotated[int, typer.Option(help="Random restarts; the attacker keeps its best match.")] = 1,
 ) -> None:
     """Gradient-inversion audit of a sweep: plain update, SecAgg+ (masked and aggregate), DP-SGD."""
     from privacy.inversion import InversionConfig
     from simulations.budget import load_sweep
 
     cfg = load_sweep(run)
-    out = _run_inversion(cfg, batch_size=batch_size, attack=InversionConfig(iterations=iterations, restarts=restarts))
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--batch-sizes: {batch_sizes!r} is not a list of integers") from None
+    grad = method == "gradients"  # each attack with the step size and prior measured to suit it
+    attack = InversionConfig(method=method, iterations=iterations, restarts=restarts, lr=0.1 if grad else 0.05,
+                             tv_weight=1e-3 if grad else 0.1)
+    out = _run_inversion(cfg, batch_sizes=sizes, attack=attack)
     _print_inversion(out)
     out_console.print(f"wrote {run}/inversion.json and {run}/inversion.png")
 
@@ -378,9 +388,12 @@ def _run_inversion(cfg: "SweepConfig", **kw: Any) -> dict[str, Any]:
 
 
 def _print_inversion(out: dict[str, Any]) -> None:
-    table = Table("setting", "what the server holds", "best SSIM", "PSNR dB", title="gradient inversion")
-    for name, v in out["settings"].items():
-        table.add_row(name, v["about"], f"{v['best_ssim']:.3f}", f"{v['best_psnr']:.1f}")
+    table = Table("batch", "setting", "what the server holds", "best SSIM", "other patient SSIM", "PSNR dB",
+                  title=f"gradient inversion ({out['attack']['method']} attack)")
+    for batch, rows in out["results"].items():
+        for name, v in rows.items():
+            table.add_row(batch, name, v["about"], f"{v['best_ssim']:.3f}", f"{v['population_ssim']:.3f}",
+                          f"{v['best_psnr']:.1f}")
     out_console.print(table)
 
 

@@ -149,14 +149,17 @@ def _sweep_html(run: Path) -> str:
     inversion = run / "inversion.json"
     if inversion.is_file():
         inv = json.loads(inversion.read_text())
+        rows_inv = [(b, k, v["about"], v["images_in_update"], f"{v['best_ssim']:.3f}", f"{v['population_ssim']:.3f}",
+                     f"{v['best_psnr']:.1f}", f"{v['matching_loss']:.4f}")
+                    for b, settings in inv["results"].items() for k, v in settings.items()]
         parts += ["<h2>Gradient inversion</h2>",
-                  f"<p>{html.escape(inv['about'])} Model: <code>{html.escape(inv['model'])}</code>; batch of "
-                  f"{inv['batch_size']} per site; labels known to the attacker; {inv['attack']['iterations']} "
-                  f"iterations × {inv['attack']['restarts']} restarts.</p>",
-                  _table(["setting", "what the server holds", "images in update", "best SSIM", "PSNR (dB)",
-                          "matching loss"],
-                         ((k, v["about"], v["images_in_update"], f"{v['best_ssim']:.3f}", f"{v['best_psnr']:.1f}",
-                           f"{v['matching_loss']:.4f}") for k, v in inv["settings"].items())),
+                  f"<p>{html.escape(inv['about'])} Model: <code>{html.escape(inv['model'])}</code>; "
+                  f"attack <b>{html.escape(inv['attack']['method'])}</b>, {inv['attack']['iterations']} "
+                  f"iterations × {inv['attack']['restarts']} restart(s). <i>Other patient SSIM</i> is the best "
+                  "SSIM any held-out record reaches against the same true image: a reconstruction at or below "
+                  "it reveals nothing specific to the record.</p>",
+                  _table(["batch per site", "setting", "what the server holds", "images in update", "best SSIM",
+                          "other patient SSIM", "PSNR (dB)", "matching loss"], rows_inv),
                   _img(run / "inversion.png", "gradient inversion panel")]
     return "".join(parts)
 

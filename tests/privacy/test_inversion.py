@@ -12,11 +12,13 @@ from privacy.inversion import (
     dp_gradient,
     image_similarity,
     invert,
+    recover_head_input,
     score,
     secagg_masked_gradient,
 )
 
-ATTACK = InversionConfig(iterations=300, restarts=1, lr=0.1, tv_weight=1e-3)
+ATTACK = InversionConfig(method="gradients", iterations=300, restarts=1, lr=0.1, tv_weight=1e-3)
+FEATURES = InversionConfig(method="features", iterations=300, lr=0.1)  # 16 px wants a larger step than 64
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,23 @@ def test_dp_gradient_is_the_clipped_gradient_plus_noise(setting) -> None:  # typ
     assert abs(_cos(plain, noisy)) < 0.2  # σC = 1 per coordinate drowns a gradient of norm ≤ 1
     rec = score(image, invert(model, noisy, label, shape=(1, 16, 16), config=ATTACK))
     assert rec.ssim[0] < 0.15, rec.ssim
+
+
+def test_classifier_input_is_read_off_one_record_s_gradient_exactly(setting) -> None:  # type: ignore[no-untyped-def]
+    model, image, label = setting
+    seen: dict[str, torch.Tensor] = {}
+    hook = model.classifier.register_forward_hook(lambda _m, inp, _o: seen.__setitem__("h", inp[0][0].detach()))
+    model(image)
+    hook.remove()
+    recovered = recover_head_input(model, batch_gradient(model, image, label))
+    torch.testing.assert_close(recovered, seen["h"], rtol=1e-4, atol=1e-6)
+
+
+def test_feature_attack_rebuilds_the_image_and_fails_on_masked_or_noised_updates(setting) -> None:  # type: ignore[no-untyped-def]
+    model, image, label = setting
+    plain = batch_gradient(model, image, label)
+    rec = score(image, invert(model, plain, label, shape=(1, 16, 16), config=FEATURES))
+    assert rec.ssim[0] > 0.6, rec.ssim
+    for seen in (secagg_masked_gradient(plain, lr=0.01),
+                 dp_gradient(model, image, label, noise_multiplier=1.0, max_grad_norm=1.0)):
+        assert score(image, invert(model, seen, label, shape=(1, 16, 16), config=FEATURES)).ssim[0] < 0.15

@@ -123,9 +123,12 @@ def test_a_folder_of_another_sweep_is_refused(sweep: SweepConfig, tiny_federatio
 
 
 def test_inversion_audit_and_report(sweep: SweepConfig) -> None:
-    out = run_inversion_audit(sweep, attack=InversionConfig(iterations=20, restarts=1))
-    assert set(out["settings"]) == {"plain", "secagg-masked", "secagg-aggregate", "dp-eps-1"}
-    assert out["settings"]["secagg-aggregate"]["images_in_update"] == 2
+    out = run_inversion_audit(sweep, batch_sizes=(1, 2), attack=InversionConfig(iterations=20))
+    for batch in (1, 2):
+        rows = out["results"][str(batch)]
+        assert set(rows) == {"plain", "secagg-masked", "secagg-aggregate", "dp-eps-1"}
+        assert rows["secagg-aggregate"]["images_in_update"] == 2 * batch  # two sites
+        assert all(0 < r["population_ssim"] <= 1 for r in rows.values())
     assert (sweep.run / "inversion.png").is_file()
     page = render_report(sweep.run).read_text()
     for section in ("Utility versus ε", "Membership inference", "Per-round curves", "Gradient inversion"):

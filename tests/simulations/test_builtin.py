@@ -28,10 +28,11 @@ def test_the_builtin_federation_is_generated_once_into_the_cache(tmp_path: Path,
 
 
 def test_run_config_reads_flower_keys_and_names_a_bad_one() -> None:
-    cfg = RunConfig.from_flower({"num-server-rounds": 3, "dp": "false", "delta": 1e-5})
+    cfg = RunConfig.from_flower({"num-server-rounds": 3, "dp": "false", "delta": 1e-5, "augment": "false"})
 
     assert cfg.num_server_rounds == 3
     assert cfg.dp is False
+    assert cfg.augment is False
     assert cfg.delta == 1e-5
     assert RunConfig.from_flower(cfg.to_flower()) == cfg
     with pytest.raises(ConfigError, match="unknown run-config key `rounds`"):
