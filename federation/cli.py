@@ -476,6 +476,15 @@ def _add_he() -> None:
 _add_he()
 
 
+def _add_vault() -> None:
+    from privacy.cli import vault_app
+
+    app.add_typer(vault_app, name="vault")
+
+
+_add_vault()
+
+
 def main() -> None:
     """Entry point: run the CLI, turning privrad's own errors into a one-line message."""
     handler = logging.StreamHandler()
