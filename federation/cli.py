@@ -476,13 +476,15 @@ def _add_he() -> None:
 _add_he()
 
 
-def _add_vault() -> None:
-    from privacy.cli import vault_app
+def _add_privacy() -> None:
+    from privacy.cli import keyed_app, leakage, vault_app
 
     app.add_typer(vault_app, name="vault")
+    app.add_typer(keyed_app, name="keyed")
+    app.command("leakage")(leakage)
 
 
-_add_vault()
+_add_privacy()
 
 
 def main() -> None:

@@ -1,0 +1,80 @@
+"""Keyed block transform (exact inverse, key files), its training tier, and the leakage metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from federation.errors import ConfigError, DataError
+from privacy.keyed import BlockKey, apply_key, invert_key, train_tier
+from privacy.leakage import measure_leakage, phash_distance, render_bytes
+
+
+def test_transform_is_a_keyed_block_local_bijection(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((3, 1, 16, 16), generator=g)
+    key = BlockKey.generate(4)
+    y = apply_key(x, key)
+    torch.testing.assert_close(invert_key(y, key), x)
+    assert not torch.allclose(y, x)
+    assert not torch.allclose(apply_key(x, BlockKey.generate(4)), y)
+    # block-local: each 4×4 block of the output depends only on the same block of the input
+    x2 = x.clone()
+    x2[:, :, :4, :4] = torch.rand((3, 1, 4, 4), generator=g)
+    changed = (apply_key(x2, key) != y).any(dim=(0, 1))
+    assert changed[:4, :4].any()
+    assert not changed[4:, :].any()
+    assert not changed[:, 4:].any()
+    key.save(tmp_path / "k.json")
+    assert (os.stat(tmp_path / "k.json").st_mode & 0o777) == 0o600
+    assert BlockKey.load(tmp_path / "k.json") == key
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        key.save(tmp_path / "k.json")
+    with pytest.raises(ConfigError, match="multiple of the key's block"):
+        apply_key(torch.rand(1, 1, 10, 10), key)
+    with pytest.raises(ConfigError, match="permutation"):
+        BlockKey(2, (0, 0, 1, 2), (False,) * 4)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(ConfigError, match="not a privrad block key"):
+        BlockKey.load(tmp_path / "bad.json")
+
+
+def test_render_and_phash() -> None:
+    img = render_bytes(bytes(range(256)) * 20, (8, 8))
+    assert img.shape == (8, 8)
+    assert img.max() <= 1.0
+    with pytest.raises(DataError, match="cannot fill"):
+        render_bytes(b"abc", (8, 8))
+    yy, xx = np.mgrid[0:32, 0:32]
+    a = ((xx - 16) ** 2 + (yy - 12) ** 2 < 60).astype(float)
+    assert phash_distance(a, a) == 0
+    noise = np.random.default_rng(0).random((32, 32))
+    assert phash_distance(a, noise) > 15
+
+
+@pytest.mark.slow
+def test_tier_trains_three_models_and_leakage_separates_encryption_from_transforms(
+        tiny_federation: Path, tmp_path: Path) -> None:
+    key = BlockKey.generate(4)
+    tier = train_tier(tiny_federation, test=tiny_federation / "test", key=key, out=tmp_path, epochs=1, size=32)
+    assert set(tier["models"]) == {"plain", "plain-stem", "keyed"}
+    assert tier["models"]["keyed"]["stem"] == 4
+    assert tier["key_id"] == key.key_id
+    assert all(m["latency_s_per_image"] > 0 for m in tier["models"].values())
+    assert key.key_id in (tmp_path / "tier.json").read_text()
+    assert str(key.permutation[:4])[1:-1] not in (tmp_path / "tier.json").read_text()  # the key itself is not
+
+    result = measure_leakage(tiny_federation / "test", model_path=tmp_path / "plain.pt", key=key, out=tmp_path, n=9)
+    t = result["tiers"]
+    assert result["slices"] == 9
+    for tier_name in ("vault", "ckks"):  # pseudorandom bytes: no structure of the slice
+        assert abs(t[tier_name]["ssim"]["mean"]) < 0.05
+        assert t[tier_name]["phash"]["mean"] > 20
+    assert t["other-patient"]["ssim"]["mean"] > 0.2  # unrelated scans of the same anatomy share structure
+    assert t["other-patient"]["ssim"]["mean"] > t["vault"]["ssim"]["mean"] + 0.15
+    assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"
