@@ -9,7 +9,9 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: demo demo-he test lint install clean
+BUDGET ?= runs/budget
+
+.PHONY: demo demo-he budget test lint install clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -38,6 +40,13 @@ demo: $(STAMP)
 # The federated model serves one encrypted classification on loopback (needs the demo's run folder).
 demo-he: $(STAMP)
 	$(VENV)/bin/privrad he demo --run $(DEMO)/federated --data $(DEMO)/data --out $(DEMO)/he
+
+# Privacy-budget sweep (ε ∈ {1,2,4,8,∞} × 3 seeds, membership + inversion audits) and its report.
+# About an hour on 2 cores; rerun to resume an interrupted sweep.
+budget: $(STAMP)
+	test -f $(BUDGET)/data/sites.json || $(VENV)/bin/privrad phantoms --out $(BUDGET)/data --sites 5 --per-site 300 --size 64 --seed 0
+	$(VENV)/bin/privrad budget --data $(BUDGET)/data --out $(BUDGET)/sweep
+	$(VENV)/bin/privrad report $(BUDGET)/sweep
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

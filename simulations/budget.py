@@ -56,6 +56,9 @@ __all__ = ["SweepConfig", "SweepPoint", "aggregate", "load_sweep", "parse_epsilo
 log = logging.getLogger(__name__)
 
 SWEEP_FORMAT = "privrad-budget-sweep/1"
+AUDIT_VERSION = 2
+"""Version of the membership audit; finished points audited by another version are re-audited
+from their saved models (no retraining) when the sweep is resumed."""
 
 
 def parse_epsilons(text: str) -> tuple[float, ...]:
@@ -304,9 +307,6 @@ def run_point(cfg: SweepConfig, point: SweepPoint, *, audit_sets: tuple[Any, Any
     if final.get("rounds_completed") != cfg.rounds:
         raise PrivradError(f"sweep point {point.name} completed {final.get('rounds_completed')} of "
                            f"{cfg.rounds} rounds; see {folder / 'run.log'}")
-    target = load_checkpoint(folder / "global_model.pt").model
-    reference = load_checkpoint(init).model
-    attacks = membership_audit(target, *audit_sets, reference=reference)
     result = {
         "epsilon_target": eps_label(point.epsilon), "seed": point.seed,
         "auc_macro": final["auc_macro"], "auc_per_class": final["auc_per_class"], "accuracy": final["accuracy"],
@@ -317,9 +317,19 @@ def run_point(cfg: SweepConfig, point: SweepPoint, *, audit_sets: tuple[Any, Any
         "delta": final["delta"] if point.private else None,
         "noise_multiplier": {s: v.get("noise_multiplier") for s, v in metrics["sites"].items()}
         if point.private else None,
-        "membership": {k: v.to_dict() for k, v in attacks.items()},
         "seconds": seconds,
     }
+    return audit_point(cfg, point, result, audit_sets=audit_sets)
+
+
+def audit_point(cfg: SweepConfig, point: SweepPoint, result: dict[str, Any], *,
+                audit_sets: tuple[Any, Any]) -> dict[str, Any]:
+    """Add the membership audit of the point's saved global model to ``result``; write ``point.json``."""
+    folder = cfg.run / "points" / point.name
+    target = load_checkpoint(folder / "global_model.pt").model
+    reference = load_checkpoint(_initial_model(cfg, point.seed)).model
+    attacks = membership_audit(target, *audit_sets, reference=reference)
+    result = {**result, "membership": {k: v.to_dict() for k, v in attacks.items()}, "audit_version": AUDIT_VERSION}
     atomic_write_json(folder / "point.json", result)
     return result
 
@@ -328,7 +338,9 @@ def run_centralised(cfg: SweepConfig, seed: int, *, audit_sets: tuple[Any, Any])
     """The non-private centralised reference of ``seed``: pooled training records, same epochs, same start."""
     path = cfg.run / "central" / f"seed-{seed}.json"
     if path.is_file():
-        return dict(json.loads(path.read_text()))
+        done = dict(json.loads(path.read_text()))
+        if done.get("audit_version") == AUDIT_VERSION:
+            return done
     init = _initial_model(cfg, seed)
     reference = load_checkpoint(init).model
     model: PrivradCNN = copy.deepcopy(reference)
@@ -344,7 +356,7 @@ def run_centralised(cfg: SweepConfig, seed: int, *, audit_sets: tuple[Any, Any])
     result = {"seed": seed, "auc_macro": metrics["auc_macro"], "auc_per_class": metrics["auc_per_class"],
               "accuracy": metrics["accuracy"], "initial_auc_macro": initial_auc, "epochs": train.epochs,
               "train_images": len(members),
-              "membership": {k: v.to_dict() for k, v in attacks.items()},
+              "membership": {k: v.to_dict() for k, v in attacks.items()}, "audit_version": AUDIT_VERSION,
               "seconds": time.perf_counter() - start}
     atomic_write_json(path, result)
     return result
@@ -389,8 +401,12 @@ def run_sweep(cfg: SweepConfig, *, on_point: Callable[[SweepPoint, dict[str, Any
     for point in plan(cfg):
         done = cfg.run / "points" / point.name / "point.json"
         if done.is_file():
+            result = json.loads(done.read_text())
+            if result.get("audit_version") != AUDIT_VERSION:
+                log.info("%s: audited by another version of the audit; auditing its saved model again", point.name)
+                result = audit_point(cfg, point, result, audit_sets=audit_sets)
             if on_point is not None:
-                on_point(point, json.loads(done.read_text()))
+                on_point(point, result)
             continue
         if on_point is not None:
             on_point(point, None)
@@ -444,9 +460,9 @@ def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                              "tpr_at_fpr": {k: _stats([a["tpr_at_fpr"][k] for a in res])
                                             for k in res[0]["tpr_at_fpr"]},
                              "roc": [{"fpr": a["roc_fpr"], "tpr": a["roc_tpr"]} for a in res]}
-        audit_rows.append({"epsilon": eps_label(eps), "attacks": attacks,
-                           "members": rows[0]["membership"]["loss"]["members"],
-                           "nonmembers": rows[0]["membership"]["loss"]["nonmembers"],
+        n1, n0 = rows[0]["membership"]["loss"]["members"], rows[0]["membership"]["loss"]["nonmembers"]
+        audit_rows.append({"epsilon": eps_label(eps), "attacks": attacks, "members": n1, "nonmembers": n0,
+                           "chance_auc_sd": math.sqrt((n1 + n0 + 1) / (12 * n1 * n0)),
                            "dp_bound_tpr_at_fpr": {f"{a:g}": dp_tpr_bound(eps, cfg.delta, a) for a in LOW_FPRS}})
     references: dict[str, Any] = {}
     inf_rows = points.get("inf", [])

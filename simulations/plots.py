@@ -87,6 +87,10 @@ def plot_budget(budget: dict[str, Any], audit: dict[str, Any], path: Path) -> No
         central = audit.get("centralised_nonprivate", {}).get("calibrated")
         if key == "auc":
             ax.axhline(0.5, color="tab:gray", lw=1, label="chance")
+            sd = audit["points"][0].get("chance_auc_sd")
+            if sd:
+                ax.axhspan(0.5 - 2 * sd, 0.5 + 2 * sd, color="tab:gray", alpha=0.15,
+                           label="chance ± 2 sd (no leakage)")
             if central:
                 ax.axhline(central["auc"]["mean"], ls=":", color="black",
                            label=f"centralised, no DP (calibrated) {central['auc']['mean']:.3f}")

@@ -130,7 +130,8 @@ def _sweep_html(run: Path) -> str:
         first = audit["points"][0]
         parts += ["<h2>Membership inference</h2>",
                   f"<p>{html.escape(audit.get('about', ''))}: {first['members']} members, "
-                  f"{first['nonmembers']} non-members.</p>",
+                  f"{first['nonmembers']} non-members. An attack that learns nothing has AUC 0.5 ± "
+                  f"{first.get('chance_auc_sd', 0):.3f} (1 sd at these sizes).</p>",
                   _table(["target ε", "attack", "attack AUC", "TPR @ 1% FPR", "TPR @ 10% FPR", "advantage",
                           "DP bound on TPR @ 1% FPR"], arows),
                   "<p class='note'>" + "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(v)}"

@@ -95,3 +95,19 @@ def test_dp_bound_is_the_hypothesis_testing_region() -> None:
     assert small == sorted(small)
     with pytest.raises(ValueError, match="fpr"):
         dp_tpr_bound(1.0, 1e-5, 1.5)
+
+
+def test_losses_of_confident_records_do_not_tie_at_zero() -> None:
+    data = _random_records(50, 7)
+    plain = _mlp(3).eval()
+    with torch.no_grad():
+        reference = nn.functional.cross_entropy(plain(data.images).double(), data.labels, reduction="none")
+    np.testing.assert_allclose(per_record_loss(plain, data), reference.numpy(), rtol=1e-12)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        model[1].weight.mul_(400.0)  # logits of hundreds: float32 cross-entropy would be exactly 0
+    losses = per_record_loss(model, data)
+    confident = losses < 1e-6
+    assert confident.any()
+    assert (losses[confident] > 0).all()
+    assert len(np.unique(losses[confident])) == confident.sum()

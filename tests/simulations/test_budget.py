@@ -11,8 +11,18 @@ from typing import Any
 import pytest
 
 from federation.errors import ConfigError, DataError
+from federation.storage import atomic_write_json
 from privacy.inversion import InversionConfig, run_inversion_audit
-from simulations.budget import SweepConfig, SweepPoint, load_sweep, parse_epsilons, plan, run_sweep, split_members
+from simulations.budget import (
+    AUDIT_VERSION,
+    SweepConfig,
+    SweepPoint,
+    load_sweep,
+    parse_epsilons,
+    plan,
+    run_sweep,
+    split_members,
+)
 from simulations.report import render_report
 
 pytestmark = pytest.mark.slow
@@ -89,6 +99,8 @@ def test_audit_reports_both_attacks_per_epsilon_against_held_out_records(sweep: 
         assert row["members"] == sum(c["train"] for c in split.values())
         assert row["nonmembers"] == sum(c["holdout"] for c in split.values())
         assert set(row["attacks"]) == {"loss", "calibrated"}
+        n1, n0 = row["members"], row["nonmembers"]
+        assert row["chance_auc_sd"] == pytest.approx(math.sqrt((n1 + n0 + 1) / (12 * n1 * n0)))
         assert 0 <= row["attacks"]["loss"]["auc"]["mean"] <= 1
     assert audit["points"][0]["dp_bound_tpr_at_fpr"]["0.01"] == pytest.approx(math.e * 0.01 + 1e-5)
     for png in ("budget.png", "audit.png"):
@@ -113,6 +125,18 @@ def test_an_interrupted_sweep_resumes_from_its_finished_points(sweep: SweepConfi
     assert budget["complete"]
     eps = json.loads((broken / "point.json").read_text())["epsilon"]
     assert max(eps.values()) <= 1.0  # a fresh ledger: the rerun did not stack on the dead run's spend
+
+
+def test_points_audited_by_another_audit_version_are_reaudited_without_retraining(sweep: SweepConfig) -> None:
+    point = sweep.run / "points" / "eps-inf-seed-0"
+    stale = json.loads((point / "point.json").read_text())
+    trained = (point / "global_model.pt").stat().st_mtime_ns
+    atomic_write_json(point / "point.json", {**stale, "audit_version": 0, "membership": {}})
+    run_sweep(sweep)
+    fresh = json.loads((point / "point.json").read_text())
+    assert fresh["audit_version"] == AUDIT_VERSION
+    assert fresh["membership"] == stale["membership"]  # same models, same records: the same audit
+    assert (point / "global_model.pt").stat().st_mtime_ns == trained
 
 
 def test_a_folder_of_another_sweep_is_refused(sweep: SweepConfig, tiny_federation: Path) -> None:
