@@ -38,9 +38,14 @@ def put(
     vault: VaultOpt,
     keyring: KeyringOpt,
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched for *.dcm).")],
+    verify: Annotated[bool, typer.Option(help="Open each object again and compare its pixels with the source "
+                                              "file's, bit for bit.")] = True,
 ) -> None:
     """De-identify, compress losslessly and seal DICOM slices; print the storage ratio."""
-    from privacy.vault import Keyring, put_file
+    import numpy as np
+    import pydicom
+
+    from privacy.vault import Keyring, VaultError, get_object, put_file
 
     ring = Keyring.load(keyring)
     files = [f for p in paths for f in (sorted(p.rglob("*.dcm")) if p.is_dir() else [p])]
@@ -53,10 +58,15 @@ def put(
             info = put_file(vault, f, ring)
             original += info.original_bytes
             sealed += info.sealed_bytes
+            if verify:
+                back, _ = get_object(vault, info.object_id, ring)
+                source = pydicom.dcmread(f).pixel_array
+                if back.pixel_array.dtype != source.dtype or not np.array_equal(back.pixel_array, source):
+                    raise VaultError(f"{f}: the sealed object {info.object_id} does not give back its pixels")
             bar.advance(task)
     out_console.print(f"sealed {len(files)} slices for {ring.site} under key {ring.active}: {original:,} bytes of "
                       f"DICOM → {sealed:,} bytes sealed ({sealed / original:.1%} of the original, "
-                      f"{sealed / original - 1:+.1%})")
+                      f"{sealed / original - 1:+.1%})" + ("; every slice read back bit-exact" if verify else ""))
 
 
 @vault_app.command("get")

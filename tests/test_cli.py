@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from federation.cli import app
 
-VERBS = ("phantoms", "train", "evaluate", "scan", "simulate", "local")
+VERBS = ("phantoms", "train", "evaluate", "scan", "simulate", "local", "budget", "invert", "report", "leakage")
 
 
 @pytest.fixture(scope="module")

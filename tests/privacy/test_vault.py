@@ -112,3 +112,33 @@ def test_keyring_refuses_overwrite_and_bad_files(tmp_path: Path) -> None:
         Keyring.load(tmp_path / "bad")
     with pytest.raises(VaultError, match="no such keyring"):
         Keyring.load(tmp_path / "missing")
+
+
+def test_vault_cli_round_trip(tmp_path: Path, tiny_federation: Path) -> None:
+    from typer.testing import CliRunner
+
+    from federation.cli import app
+
+    runner = CliRunner()
+    ring, vault = str(tmp_path / "s.key"), str(tmp_path / "v")
+    assert runner.invoke(app, ["vault", "keygen", "--keyring", ring, "--site", "site-1"]).exit_code == 0
+    put = runner.invoke(app, ["vault", "put", "--vault", vault, "--keyring", ring, str(tiny_federation / "site-1")])
+    assert put.exit_code == 0, put.output
+    assert "12 slices" in put.output
+    assert "bit-exact" in put.output
+    listed = runner.invoke(app, ["vault", "list", "--vault", vault])
+    assert listed.exit_code == 0
+    assert "12 objects" in listed.output
+    object_id = sorted((tmp_path / "v" / "objects").glob("*.pvo"))[0].stem
+    rotated = runner.invoke(app, ["vault", "rotate-key", "--vault", vault, "--keyring", ring])
+    assert rotated.exit_code == 0
+    assert "re-sealed 12 objects" in rotated.output
+    got = runner.invoke(app, ["vault", "get", "--vault", vault, "--keyring", ring, object_id, "--out",
+                              str(tmp_path / "x.dcm"), "--uncompressed"])
+    assert got.exit_code == 0, got.output
+    ds = pydicom.dcmread(tmp_path / "x.dcm")
+    assert not ds.file_meta.TransferSyntaxUID.is_compressed
+    sources = [pydicom.dcmread(f).pixel_array for f in sorted((tiny_federation / "site-1").glob("*.dcm"))]
+    assert any((ds.pixel_array == src).all() for src in sources)
+    again = runner.invoke(app, ["vault", "keygen", "--keyring", ring, "--site", "site-1"])
+    assert again.exit_code != 0
