@@ -129,7 +129,7 @@ keyed_app = typer.Typer(help="Keyed block-transform tier: a secret in-block pixe
 @keyed_app.command("keygen")
 def keyed_keygen(
     key: Annotated[Path, typer.Option(help="Key file to write (mode 600; stays at the hospital).")],
-    block: Annotated[int, typer.Option(help="Block side in pixels (the model's stem factor).")] = 4,
+    block: Annotated[int, typer.Option(help="Block side in pixels (the model's block-adaptation size).")] = 4,
 ) -> None:
     """Draw a fresh block key (permutation and flips) from the OS's CSPRNG."""
     from privacy.keyed import BlockKey
@@ -143,7 +143,7 @@ def keyed_keygen(
 def keyed_train(
     data: Annotated[Path, typer.Option(help="Training data: site-K/ folders (pooled) or one dataset.")],
     key: Annotated[Path, typer.Option(help="Block key file.")],
-    out: Annotated[Path, typer.Option(help="Folder for plain.pt, plain-stem.pt, keyed.pt and tier.json.")],
+    out: Annotated[Path, typer.Option(help="Folder for plain.pt, plain-adapt.pt, keyed.pt and tier.json.")],
     test: Annotated[Path | None, typer.Option(help="Held-out set (default DATA/test).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per model.")] = 30,
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
@@ -154,12 +154,14 @@ def keyed_train(
 
     k = BlockKey.load(key)
     with _bar() as bar:
-        tasks = {name: bar.add_task(f"train {name}", total=epochs) for name in ("plain", "plain-stem", "keyed")}
+        tasks = {name: bar.add_task(f"train {name}", total=epochs) for name in ("plain", "plain-adapt", "keyed")}
         result = train_tier(data, test=test or data / "test", key=k, out=out, epochs=epochs, seed=seed, size=size,
                             progress=lambda name, epoch: bar.update(tasks[name], completed=epoch))
-    table = Table("model", "input", "stem", "macro-AUC", "latency / image", title=f"keyed tier (block {k.block})")
+    table = Table("model", "input", "block adaptation", "macro-AUC", "latency / image",
+                  title=f"keyed tier (block {k.block})")
     for name, m in result["models"].items():
-        table.add_row(name, "keyed transform" if name == "keyed" else "plain", str(m["stem"]), f"{m['auc_macro']:.3f}",
+        table.add_row(name, "keyed transform" if name == "keyed" else "plain",
+                      "yes" if m["adapt_block"] > 1 else "no", f"{m['auc_macro']:.3f}",
                       f"{m['latency_s_per_image'] * 1e3:.2f} ms")
     out_console.print(table)
     out_console.print(f"wrote {out}/tier.json and the three models")

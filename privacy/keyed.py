@@ -4,9 +4,9 @@ The hospital transforms each image with a secret key before it leaves (learnable
 encryption, Tanaka 2018): the image is cut into ``b × b`` blocks, and inside every block
 the pixels are shuffled by one keyed permutation and a keyed subset of positions is
 negative-positive flipped (``x → 1 − x``). Block positions stay where they are. The model's
-first layer is a patchify convolution (kernel = stride = ``b``, ``ArchConfig.stem``), a
-linear map of each block, so it can learn the key's inverse: trained on transformed
-images, the Approx-CNN classifies them at plaintext speed.
+first layer is a block adaptation (``ArchConfig.adapt_block``: a learned linear map of each
+block onto itself, at full resolution), which can represent the key's inverse exactly:
+trained on transformed images, the Approx-CNN classifies them at plaintext speed.
 
 What it protects: a casual look at the transformed image, and the exact pixel values
 without the key. What it does not: it is a fixed, deterministic, block-local map, so it is
@@ -146,9 +146,9 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
     """Train the keyed-transform Approx-CNN and its plain references on the same data; write ``out/tier.json``.
 
     Three models with the same optimiser, epochs and seed (no flip augmentation: a flip does
-    not commute with the keyed transform): ``plain`` (the default Approx-CNN on plain
-    images), ``plain-stem`` (the keyed model's architecture on plain images) and ``keyed``
-    (patchify block-adaptation stem, trained and tested on transformed images). Each is
+    not commute with the keyed transform): ``plain`` (the Approx-CNN on plain images),
+    ``plain-adapt`` (the keyed model's architecture on plain images) and ``keyed`` (block
+    adaptation first, trained and tested on transformed images). Each is
     evaluated on ``test`` (transformed for ``keyed``) and timed per image on this CPU.
     ``progress(name, epoch)`` is called after each epoch.
     """
@@ -164,9 +164,9 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
     train_set = load_training_data(data, preprocess=pre)
     test_set = load_dataset(test, preprocess=pre)
     config = TrainConfig(epochs=epochs, augment=False, seed=seed)
+    adapted = ArchConfig(input_size=size, head=HeadKind.FLATTEN, adapt_block=key.block)
     variants = (("plain", ArchConfig(input_size=size, head=HeadKind.FLATTEN), None),
-                ("plain-stem", ArchConfig(input_size=size, head=HeadKind.FLATTEN, stem=key.block), None),
-                ("keyed", ArchConfig(input_size=size, head=HeadKind.FLATTEN, stem=key.block), key))
+                ("plain-adapt", adapted, None), ("keyed", adapted, key))
     results: dict[str, Any] = {"key_id": key.key_id, "block": key.block, "epochs": epochs,
                                "train_images": len(train_set), "test_images": len(test_set), "models": {}}
     for name, arch, k in variants:
@@ -188,6 +188,6 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
             "training": {"mode": f"keyed-tier/{name}", **dataclasses.asdict(config)}})
         results["models"][name] = {"auc_macro": metrics["auc_macro"], "auc_per_class": metrics["auc_per_class"],
                                    "accuracy": metrics["accuracy"], "latency_s_per_image": latency,
-                                   "train_seconds": time.perf_counter() - start, "stem": arch.stem}
+                                   "train_seconds": time.perf_counter() - start, "adapt_block": arch.adapt_block}
     atomic_write_json(out / "tier.json", results)
     return results

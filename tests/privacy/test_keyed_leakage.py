@@ -62,8 +62,8 @@ def test_tier_trains_three_models_and_leakage_separates_encryption_from_transfor
         tiny_federation: Path, tmp_path: Path) -> None:
     key = BlockKey.generate(4)
     tier = train_tier(tiny_federation, test=tiny_federation / "test", key=key, out=tmp_path, epochs=1, size=32)
-    assert set(tier["models"]) == {"plain", "plain-stem", "keyed"}
-    assert tier["models"]["keyed"]["stem"] == 4
+    assert set(tier["models"]) == {"plain", "plain-adapt", "keyed"}
+    assert tier["models"]["keyed"]["adapt_block"] == 4
     assert tier["key_id"] == key.key_id
     assert all(m["latency_s_per_image"] > 0 for m in tier["models"].values())
     assert key.key_id in (tmp_path / "tier.json").read_text()
@@ -78,3 +78,31 @@ def test_tier_trains_three_models_and_leakage_separates_encryption_from_transfor
     assert t["other-patient"]["ssim"]["mean"] > 0.2  # unrelated scans of the same anatomy share structure
     assert t["other-patient"]["ssim"]["mean"] > t["vault"]["ssim"]["mean"] + 0.15
     assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_block_adaptation_can_undo_the_key_exactly_and_he_refuses_it() -> None:
+    """The adaptation layer set to the key's inverse makes the keyed model equal the plain one."""
+    from federation.errors import UnsupportedLayerError
+    from federation.model import INPUT_MEAN, INPUT_STD, ArchConfig, HeadKind, build_model
+    from he_inference.ir import trace
+
+    key = BlockKey.generate(4)
+    plain = build_model(ArchConfig(input_size=16, head=HeadKind.FLATTEN), seed=0).eval()
+    keyed = build_model(ArchConfig(input_size=16, head=HeadKind.FLATTEN, adapt_block=4), seed=0).eval()
+    keyed.load_state_dict({**plain.state_dict(), **{k: v for k, v in keyed.state_dict().items()
+                                                    if k.startswith("adapt.")}})
+    # Normalised pixel z = (x - m) / s; the key maps x_p -> t_q (q = position of p) with t = x or 1 - x,
+    # so z_p = sign * z'_q + flip * (1 - 2m) / s, where z' is the normalised transformed pixel.
+    n = 16
+    weight, bias = torch.zeros(n, n), torch.zeros(n)
+    for q, p in enumerate(key.permutation):
+        flip = key.flips[q]
+        weight[p, q] = -1.0 if flip else 1.0
+        bias[p] = (1 - 2 * INPUT_MEAN) / INPUT_STD if flip else 0.0
+    with torch.no_grad():
+        keyed.adapt.mix.weight.copy_(weight[:, :, None, None])
+        keyed.adapt.mix.bias.copy_(bias)
+    x = torch.rand((4, 1, 16, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(keyed(apply_key(x, key)), plain(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnsupportedLayerError, match="BlockAdapt"):
+        trace(keyed)
