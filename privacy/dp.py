@@ -7,6 +7,7 @@ a round returns its step set ``(σ, q, steps)`` and the caller records it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -103,12 +104,14 @@ def site_ledger(path: Path, *, site: str, n: int, dp: DPConfig) -> PrivacyLedger
                          accountant=dp.accountant)
 
 
+@functools.lru_cache(maxsize=64)
 def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float, steps: int,
                      accountant: str = "rdp") -> float:
     """σ such that ``steps`` DP-SGD steps at ``sample_rate`` spend ``target_epsilon`` at ``delta``.
 
     Opacus's binary search; the achieved ε is at most the target (tolerance 0.01), with
-    the same Rényi orders as the ledger's :func:`~privacy.ledger.epsilon_of`.
+    the same Rényi orders as the ledger's :func:`~privacy.ledger.epsilon_of`. Pure, so
+    cached: a site asks the same question every round.
     """
     alphas = {"alphas": list(ALPHAS)} if accountant == "rdp" else {}
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,

@@ -36,10 +36,24 @@ StepSet = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, steps)``: Opacus's accountant history entry."""
 
 
+def merge_step_sets(history: Iterable[StepSet]) -> list[StepSet]:
+    """Sum the steps of equal ``(σ, q)`` entries: RDP composes additively, so ε is unchanged.
+
+    A run's ledger holds one entry per round, almost always with the same σ and q; the
+    accountant's cost grows with the number of entries, not with the steps.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        key = (float(s), float(q))
+        merged[key] = merged.get(key, 0) + int(n)
+    return [(s, q, n) for (s, q), n in merged.items()]
+
+
 def epsilon_of(history: Iterable[StepSet], delta: float, *, accountant: str = "rdp") -> float:
     """ε at ``delta`` of a whole DP-SGD history, computed by Opacus's accountant (pure)."""
     acc = create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    entries = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = merge_step_sets(entries) if accountant == "rdp" else entries
     if not acc.history:
         return 0.0
     if accountant == "rdp":

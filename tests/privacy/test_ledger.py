@@ -127,3 +127,15 @@ def test_an_empty_poisson_batch_is_a_noisy_step_not_a_crash(tiny_federation: Pat
     assert result.empty_batches > 0
     assert result.step_set == (1.0, 0.25, 8)  # every step accounted for, the empty ones included
     assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_equal_step_sets_merge_without_changing_epsilon() -> None:
+    from opacus.accountants import RDPAccountant
+
+    from privacy.ledger import ALPHAS, merge_step_sets
+
+    history = [(1.5, 0.2, 10)] * 7 + [(2.0, 0.1, 5), (1.5, 0.2, 3)]
+    assert merge_step_sets(history) == [(1.5, 0.2, 73), (2.0, 0.1, 5)]
+    reference = RDPAccountant()
+    reference.history = list(history)  # Opacus itself, one entry per round
+    assert epsilon_of(history, DELTA) == pytest.approx(reference.get_epsilon(DELTA, alphas=list(ALPHAS)), rel=1e-12)
