@@ -109,9 +109,11 @@ class ArchConfig:
         (measured on the phantom task: macro-AUC 0.950 learnable vs 0.924 fixed, 30 epochs).
     adapt_block
         ``b > 1``: a block-adaptation layer first (:class:`BlockAdapt`): a learned linear map
-        of each ``b × b`` block of pixels onto itself, initialised to the identity. It lets the
+        of each ``b × b`` block of pixels onto itself, from a small random start. It lets the
         keyed-transform tier (``privacy.keyed``) learn the inverse of a secret in-block pixel
-        shuffle and flip at full resolution. It runs in plaintext only: the HE compiler refuses it.
+        shuffle and flip at full resolution. Measured (keyed slices, 30 epochs): macro-AUC
+        0.910 from an identity start (training stays near it), 0.933 from a small random one.
+        It runs in plaintext only: the HE compiler refuses it.
     stem
         ``s > 1``: the first stage's convolution is a patchify convolution (kernel = stride =
         ``s``, no padding), so a 256×256 slice enters the network at 64×64 (``s`` = 4). Under
@@ -271,7 +273,7 @@ class Residual(nn.Module):
 
 
 class BlockAdapt(nn.Module):
-    """A learned linear map of every ``b × b`` pixel block onto itself (identity at start)."""
+    """A learned linear map of every ``b × b`` pixel block onto itself (small random start)."""
 
     def __init__(self, block: int) -> None:
         super().__init__()
@@ -279,8 +281,8 @@ class BlockAdapt(nn.Module):
         n = block * block
         self.mix = nn.Conv2d(n, n, kernel_size=1)  # a plain Conv2d: Opacus has its per-sample gradients
         assert self.mix.bias is not None
-        with torch.no_grad():
-            self.mix.weight.copy_(torch.eye(n)[:, :, None, None])
+        with torch.no_grad():  # small random start: from the identity, training never left it (see README)
+            self.mix.weight.normal_(0.0, 0.05)
             self.mix.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
