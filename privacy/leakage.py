@@ -86,7 +86,7 @@ def measure_leakage(test: Path, *, model_path: Path, key: BlockKey, out: Path, n
     from privacy.vault import Keyring, put_file
 
     compiled, _ = compile_checkpoint(model_path)
-    pre = Preprocess(**compiled.meta.get("preprocess", {})) if compiled.meta.get("preprocess") else Preprocess()
+    pre = Preprocess(**compiled.meta.get("preprocess", {}))
     data = load_dataset(test, preprocess=pre)
     count = min(n, len(data))
     if count < 2:

@@ -424,6 +424,18 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
             "values": [float(v) for v in arr]}
 
 
+def _attack_stats(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per attack, over the seeds of one setting: AUC, advantage and TPR at low FPR (mean, sd), ROC curves."""
+    out: dict[str, Any] = {}
+    for name in runs[0]["membership"]:
+        res = [r["membership"][name] for r in runs]
+        out[name] = {"auc": _stats([a["auc"] for a in res]),
+                     "advantage": _stats([a["advantage"] for a in res]),
+                     "tpr_at_fpr": {k: _stats([a["tpr_at_fpr"][k] for a in res]) for k in res[0]["tpr_at_fpr"]},
+                     "roc": [{"fpr": a["roc_fpr"], "tpr": a["roc_tpr"]} for a in res]}
+    return out
+
+
 def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """``budget.json`` and ``audit.json`` contents from the finished points (partial sweeps too)."""
     points: dict[str, list[dict[str, Any]]] = {}
@@ -452,14 +464,7 @@ def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             row["delta"] = sorted({v for r in rows for v in r["delta"].values()})
             row["noise_multiplier"] = sorted({round(v, 6) for r in rows for v in r["noise_multiplier"].values()})
         budget_rows.append(row)
-        attacks: dict[str, Any] = {}
-        for name in rows[0]["membership"]:
-            res = [r["membership"][name] for r in rows]
-            attacks[name] = {"auc": _stats([a["auc"] for a in res]),
-                             "advantage": _stats([a["advantage"] for a in res]),
-                             "tpr_at_fpr": {k: _stats([a["tpr_at_fpr"][k] for a in res])
-                                            for k in res[0]["tpr_at_fpr"]},
-                             "roc": [{"fpr": a["roc_fpr"], "tpr": a["roc_tpr"]} for a in res]}
+        attacks = _attack_stats(rows)
         n1, n0 = rows[0]["membership"]["loss"]["members"], rows[0]["membership"]["loss"]["nonmembers"]
         audit_rows.append({"epsilon": eps_label(eps), "attacks": attacks, "members": n1, "nonmembers": n0,
                            "chance_auc_sd": math.sqrt((n1 + n0 + 1) / (12 * n1 * n0)),
@@ -478,13 +483,7 @@ def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
               "points_finished": finished, "points_planned": total,
               "federated_seconds": sum(r["seconds"] for rows in points.values() for r in rows),
               "metric": "macro-AUC on DATA/test", "points": budget_rows, "references": references}
-    central_audit = {}
-    if central:
-        for name in central[0]["membership"]:
-            res = [c["membership"][name] for c in central]
-            central_audit[name] = {"auc": _stats([a["auc"] for a in res]),
-                                   "tpr_at_fpr": {k: _stats([a["tpr_at_fpr"][k] for a in res])
-                                                  for k in res[0]["tpr_at_fpr"]}}
+    central_audit = _attack_stats(central) if central else {}
     audit = {"format": SWEEP_FORMAT,
              "about": "membership inference against each point's global model: training records of the sites "
                       "(members) versus records of the same sites held out of training",
