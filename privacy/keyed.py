@@ -4,16 +4,23 @@ The hospital transforms each image with a secret key before it leaves (learnable
 encryption, Tanaka 2018): the image is cut into ``b × b`` blocks, and inside every block
 the pixels are shuffled by one keyed permutation and a keyed subset of positions is
 negative-positive flipped (``x → 1 − x``). Block positions stay where they are. The model's
-first layer is a block adaptation (``ArchConfig.adapt_block``: a learned linear map of each
-block onto itself, at full resolution), which can represent the key's inverse exactly:
-trained on transformed images, the Approx-CNN classifies them at plaintext speed.
+first layer is a block adaptation (``ArchConfig.adapt_block``: a linear map of each block
+onto itself, at full resolution), which can represent the key's inverse exactly, so the
+Approx-CNN classifies transformed images at plaintext speed.
 
-What it protects: a casual look at the transformed image, and the exact pixel values
-without the key. What it does not: it is a fixed, deterministic, block-local map, so it is
-not semantically secure. Known attacks recover images from such block-wise transforms
-(jigsaw-puzzle solvers on block scrambling, Chuman et al. 2019; in-block shuffles and NP
-flips leave block statistics and edges that a learned inverse exploits, and the model
-itself is an oracle for the key's effect). Use the HE tier when the image must stay
+The adaptation is fitted on the transformed training images alone, without the key and
+without labels (:func:`recover_key`): neighbouring pixels of a scan correlate, and the
+in-block permutation and flips that make the blocks' covariances those of a smooth image
+are the key's (a jigsaw fit). That fit is also the attack that breaks the tier: measured
+here, one transformed 64×64 slice gives away the whole key of a 4×4 block. Learning the
+adaptation with the classifier from a random start instead (the learnable-encryption
+recipe) loses accuracy and protects no better, since the same fit is open to anyone who
+holds one transformed image.
+
+What it protects: a casual look at the transformed image. What it does not: the image
+against anyone who holds a transformed image (key recovery, above; jigsaw-puzzle solvers
+also undo block scrambling, Chuman et al. 2019), nor against the model's holder, whose
+adaptation layer is the key's inverse. Use the HE tier when the image must stay
 confidential against the server.
 """
 
@@ -34,7 +41,7 @@ from torch.nn import functional as F
 from federation.errors import ConfigError
 from federation.storage import atomic_write_bytes
 
-__all__ = ["BlockKey", "apply_key", "invert_key", "latency_per_image"]
+__all__ = ["BlockKey", "adapt_to_key", "apply_key", "invert_key", "latency_per_image", "recover_key"]
 
 KEY_FORMAT = "privrad-block-key/1"
 
@@ -127,6 +134,131 @@ def invert_key(images: torch.Tensor, key: BlockKey) -> torch.Tensor:
     return F.pixel_shuffle(blocks[:, list(inverse)], key.block)
 
 
+def _neighbour_pairs(block: int) -> list[tuple[int, int, int]]:
+    """Adjacent in-block positions: ``(p, q, m)`` with ``q`` right of or below ``p``.
+
+    ``m`` says where ``q`` lies: 0 the same block, 1 the next block to the right, 2 the next
+    block down. Each position pairs with its right and its lower neighbour.
+    """
+    pairs = []
+    for r in range(block):
+        for c in range(block):
+            p = r * block + c
+            pairs.append((p, p + 1, 0) if c < block - 1 else (p, r * block, 1))
+            pairs.append((p, p + block, 0) if r < block - 1 else (p, c, 2))
+    return pairs
+
+
+def recover_key(images: torch.Tensor, block: int, *, restarts: int = 32, seed: int = 0) -> BlockKey:
+    """Recover the key of a keyed block transform from transformed images alone (no key, no labels).
+
+    The attack, and the fit of the keyed model's adaptation layer. Neighbouring pixels of a
+    scan correlate, so the key's inverse is the signed in-block permutation under which the
+    pixel pairs that end up adjacent (inside a block and across block borders) have the
+    largest covariance. The covariances of the ``b²`` in-block positions, with each other and
+    with the next block's, are measured on ``images``; the permutation and signs that
+    maximise the summed covariance of adjacent pairs are found by a local search (swaps and
+    sign changes, ``restarts`` random starts). Negating every sign gives the same sum; the
+    global sign is taken that makes the images' outer ring of blocks darker than their middle
+    (in CT, the air around the patient).
+
+    Parameters
+    ----------
+    images
+        ``(N, 1, H, W)`` transformed images, ``H`` and ``W`` at least two blocks.
+    block
+        The transform's block side.
+
+    Raises
+    ------
+    ConfigError
+        Images of the wrong shape, or fewer than two blocks a side.
+    """
+    if images.ndim != 4 or images.shape[1] != 1 or block < 2:
+        raise ConfigError(f"expected images (N, 1, H, W) and a block of at least 2, got {tuple(images.shape)}, "
+                          f"{block}")
+    if images.shape[-1] % block or images.shape[-2] % block or min(images.shape[-2:]) < 2 * block:
+        raise ConfigError(f"image side {tuple(images.shape[-2:])} must be a multiple of {block} and at least two "
+                          "blocks")
+    u = F.pixel_unshuffle(images.double(), block)
+    u = u - u.mean(dim=(0, 2, 3), keepdim=True)
+    cov = torch.stack([torch.einsum("nihw,njhw->ij", u, u) / u[:, 0].numel(),
+                       torch.einsum("nihw,njhw->ij", u[..., :-1], u[..., 1:]) / u[:, 0, :, :-1].numel(),
+                       torch.einsum("nihw,njhw->ij", u[:, :, :-1], u[:, :, 1:]) / u[:, 0, :-1].numel()]).numpy()
+    pairs = np.array(_neighbour_pairs(block))
+    p, q, m = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+
+    def score(pos: np.ndarray, sign: np.ndarray) -> float:  # pos[k]: the transformed position at position k
+        i, j = pos[p], pos[q]
+        return float((sign[i] * sign[j] * cov[m, i, j]).sum())
+
+    n = block * block
+    rng = np.random.default_rng(seed)
+    best: tuple[float, np.ndarray, np.ndarray] = (-np.inf, np.arange(n), np.ones(n))
+    for _ in range(restarts):
+        pos, sign = rng.permutation(n), rng.choice([-1.0, 1.0], n)
+        current, improved = score(pos, sign), True
+        while improved:
+            improved = False
+            for a in range(n):
+                sign[a] = -sign[a]
+                trial = score(pos, sign)
+                if trial > current + 1e-12:
+                    current, improved = trial, True
+                else:
+                    sign[a] = -sign[a]
+                for b in range(a + 1, n):
+                    pos[[a, b]] = pos[[b, a]]
+                    trial = score(pos, sign)
+                    if trial > current + 1e-12:
+                        current, improved = trial, True
+                    else:
+                        pos[[a, b]] = pos[[b, a]]
+        if current > best[0]:
+            best = (current, pos.copy(), sign.copy())
+    _, pos, sign = best
+    permutation = tuple(int(k) for k in np.argsort(pos))  # transformed position j holds original permutation[j]
+    candidates = [BlockKey(block, permutation, tuple(bool(s * g < 0) for s in sign)) for g in (1.0, -1.0)]
+
+    def ring_minus_middle(key: BlockKey) -> float:
+        x = invert_key(images, key)
+        ring = torch.ones(x.shape[-2:], dtype=torch.bool)
+        ring[block:-block, block:-block] = False
+        return float(x[..., ring].mean() - x[..., ~ring].mean())
+
+    return min(candidates, key=ring_minus_middle)
+
+
+def adapt_to_key(model: torch.nn.Module, key: BlockKey) -> None:
+    """Set ``model``'s block-adaptation layer to the exact inverse of ``key`` and freeze it.
+
+    The layer acts on normalised pixels ``z = (x - INPUT_MEAN) / INPUT_STD``; a flipped pixel
+    ``x = 1 - x'`` is ``z = -z' + (1 - 2·INPUT_MEAN) / INPUT_STD``. With it, the model computes
+    on transformed images exactly what the same model without the layer computes on plain ones.
+
+    Raises
+    ------
+    ConfigError
+        The model has no block adaptation of the key's block size.
+    """
+    from federation.model import INPUT_MEAN, INPUT_STD, BlockAdapt
+
+    adapt = getattr(model, "adapt", None)
+    if not isinstance(adapt, BlockAdapt) or adapt.block != key.block:
+        raise ConfigError(f"the model needs a block adaptation of block {key.block} (ArchConfig.adapt_block)")
+    n = key.block * key.block
+    weight = torch.zeros(n, n)
+    bias = torch.zeros(n)
+    for j, (orig, flip) in enumerate(zip(key.permutation, key.flips, strict=True)):
+        weight[orig, j] = -1.0 if flip else 1.0
+        bias[orig] = (1 - 2 * INPUT_MEAN) / INPUT_STD if flip else 0.0
+    with torch.no_grad():
+        adapt.mix.weight.copy_(weight[:, :, None, None])
+        assert adapt.mix.bias is not None
+        adapt.mix.bias.copy_(bias)
+    adapt.requires_grad_(False)
+
+
 @torch.no_grad()
 def latency_per_image(model: torch.nn.Module, images: torch.Tensor, *, key: BlockKey | None = None,
                       repeats: int = 50) -> float:
@@ -143,13 +275,22 @@ def latency_per_image(model: torch.nn.Module, images: torch.Tensor, *, key: Bloc
 
 def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int = 30, seed: int = 0,
                size: int = 64, progress: Any = None) -> dict[str, Any]:
-    """Train the keyed-transform Approx-CNN and its plain references on the same data; write ``out/tier.json``.
+    """Train the keyed-transform Approx-CNN and its references on the same data; write ``out/tier.json``.
 
-    Three models with the same optimiser, epochs and seed (no flip augmentation: a flip does
-    not commute with the keyed transform): ``plain`` (the Approx-CNN on plain images),
-    ``plain-adapt`` (the keyed model's architecture on plain images) and ``keyed`` (block
-    adaptation first, trained and tested on transformed images). Each is
-    evaluated on ``test`` (transformed for ``keyed``) and timed per image on this CPU.
+    Three models from the same initial weights, with the same optimiser, epochs and seed (no
+    flip augmentation: a flip does not commute with the keyed transform):
+
+    * ``plain``: the Approx-CNN on plain slices;
+    * ``keyed``: block adaptation first, fitted without the key on the transformed training
+      slices (:func:`recover_key`, :func:`adapt_to_key`) and kept fixed; the rest trained on
+      transformed slices;
+    * ``keyed-learned``: the adaptation learned with the classifier from a small random start
+      (the learnable-encryption recipe), for comparison.
+
+    Each is evaluated on ``test`` (transformed for the keyed models) and timed per image on
+    this CPU, the hospital's transform included. ``tier.json`` also records whether the fit
+    recovered ``key`` (checked here only because the simulation holds the key) and, for the
+    attack, how many single transformed test slices give away the whole key.
     ``progress(name, epoch)`` is called after each epoch.
     """
     import dataclasses
@@ -163,28 +304,48 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
     pre = Preprocess(size=size)
     train_set = load_training_data(data, preprocess=pre)
     test_set = load_dataset(test, preprocess=pre)
+    keyed_train = dataclasses.replace(train_set, images=apply_key(train_set.images, key))
+    keyed_test = dataclasses.replace(test_set, images=apply_key(test_set.images, key))
+    start = time.perf_counter()
+    fitted = recover_key(keyed_train.images, key.block, seed=seed)
+    fit_seconds = time.perf_counter() - start
+    attack = [recover_key(keyed_test.images[i:i + 1], key.block, seed=seed) == key
+              for i in range(min(len(test_set), 50))]
     config = TrainConfig(epochs=epochs, augment=False, seed=seed)
+    plain_arch = ArchConfig(input_size=size, head=HeadKind.FLATTEN)
     adapted = ArchConfig(input_size=size, head=HeadKind.FLATTEN, adapt_block=key.block)
-    variants = (("plain", ArchConfig(input_size=size, head=HeadKind.FLATTEN), None),
-                ("plain-adapt", adapted, None), ("keyed", adapted, key))
-    results: dict[str, Any] = {"key_id": key.key_id, "block": key.block, "epochs": epochs,
-                               "train_images": len(train_set), "test_images": len(test_set), "models": {}}
-    for name, arch, k in variants:
+    initial = build_model(plain_arch, seed=seed).state_dict()
+    results: dict[str, Any] = {
+        "key_id": key.key_id, "block": key.block, "epochs": epochs, "seed": seed,
+        "train_images": len(train_set), "test_images": len(test_set),
+        "adaptation_fit": {"images": len(train_set), "seconds": fit_seconds, "recovered_key": fitted == key,
+                           "positions_correct": sum(a == b for a, b in zip(fitted.permutation, key.permutation,
+                                                                             strict=True)),
+                           "flips_correct": sum(a == b for a, b in zip(fitted.flips, key.flips, strict=True))},
+        "single_image_attack": {"slices": len(attack), "whole_key_recovered": sum(attack)},
+        "models": {}}
+    for name, arch, train, tested in (("plain", plain_arch, train_set, test_set),
+                                      ("keyed", adapted, keyed_train, keyed_test),
+                                      ("keyed-learned", adapted, keyed_train, keyed_test)):
         model = build_model(arch, seed=seed)
-        ts = dataclasses.replace(train_set, images=apply_key(train_set.images, k)) if k else train_set
-        tt = dataclasses.replace(test_set, images=apply_key(test_set.images, k)) if k else test_set
+        loaded = model.load_state_dict(initial, strict=False)  # the same initial weights but the adaptation's
+        assert not loaded.unexpected_keys, loaded
+        assert all(k.startswith("adapt.") for k in loaded.missing_keys), loaded
+        if name == "keyed":
+            adapt_to_key(model, fitted)
 
         def on_epoch(s: EpochStats, name: str = name) -> None:
             if progress is not None:
                 progress(name, s.epoch)
 
         start = time.perf_counter()
-        train_epochs(model, ts, config=config, on_epoch=on_epoch)
-        metrics = evaluate(model, tt)
+        train_epochs(model, train, config=config, on_epoch=on_epoch)
+        metrics = evaluate(model, tested)
+        k = key if arch.adapt_block > 1 else None
         latency = latency_per_image(model, test_set.images, key=k)
         save_checkpoint(out / f"{name}.pt", model, meta={
             "classes": list(test_set.classes), "preprocess": dataclasses.asdict(pre), "metrics": metrics,
-            "keyed_transform": {"key_id": k.key_id, "block": k.block} if k else None,
+            "keyed_transform": {"key_id": key.key_id, "block": key.block} if k else None,
             "training": {"mode": f"keyed-tier/{name}", **dataclasses.asdict(config)}})
         results["models"][name] = {"auc_macro": metrics["auc_macro"], "auc_per_class": metrics["auc_per_class"],
                                    "accuracy": metrics["accuracy"], "latency_s_per_image": latency,

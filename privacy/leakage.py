@@ -7,6 +7,8 @@ of the slice's size and compared with the slice as the model sees it (windowed, 
 * ``ckks``: the encrypted upload of the HE tier (CKKS, seeded symmetric encryption under a
   fresh secret key, packed as the compiled model packs it); its last ``H·W`` bytes;
 * ``keyed``: the keyed block-transformed image itself (what the keyed tier sends);
+* ``keyed-attacked``: that image inverted with the key recovered from it alone
+  (:func:`privacy.keyed.recover_key`: no key, no labels, one slice);
 * ``other-patient`` (baseline): a different slice of the same set, the similarity two
   unrelated scans already share.
 
@@ -28,11 +30,11 @@ from PIL import Image
 
 from federation.errors import DataError
 from privacy.inversion import image_similarity
-from privacy.keyed import BlockKey, apply_key
+from privacy.keyed import BlockKey, apply_key, invert_key, recover_key
 
 __all__ = ["TIERS", "measure_leakage", "phash_distance", "render_bytes"]
 
-TIERS = ("vault", "ckks", "keyed", "other-patient")
+TIERS = ("vault", "ckks", "keyed", "keyed-attacked", "other-patient")
 
 
 def render_bytes(data: bytes, shape: tuple[int, int]) -> np.ndarray:
@@ -95,6 +97,7 @@ def measure_leakage(test: Path, *, model_path: Path, key: BlockKey, out: Path, n
     keyed = apply_key(data.images[:count], key)
     rows: dict[str, list[dict[str, float]]] = {t: [] for t in TIERS}
     examples: list[dict[str, np.ndarray]] = []
+    recovered = 0
     with tempfile.TemporaryDirectory(prefix="privrad-leakage-") as tmp:
         ring = Keyring.create(Path(tmp) / "site.key", site="leakage")
         for i in range(count):
@@ -103,8 +106,11 @@ def measure_leakage(test: Path, *, model_path: Path, key: BlockKey, out: Path, n
             info = put_file(Path(tmp) / "vault", Path(test) / data.files[i], ring)
             vault = render_bytes((Path(tmp) / "vault" / "objects" / f"{info.object_id}.pvo").read_bytes(), shape)
             upload = encrypt_image(compiled, secret, data.images[i].double().numpy())
+            guess = recover_key(keyed[i:i + 1], key.block)
+            recovered += guess == key
             views = {"vault": vault, "ckks": render_bytes(upload, shape),
                      "keyed": keyed[i, 0].double().numpy(),
+                     "keyed-attacked": invert_key(keyed[i:i + 1], guess)[0, 0].double().numpy(),
                      "other-patient": data.images[(i + 1) % count, 0].double().numpy()}
             for tier, view in views.items():
                 ssim, psnr = image_similarity(torch.from_numpy(truth)[None], torch.from_numpy(view)[None])
@@ -115,7 +121,7 @@ def measure_leakage(test: Path, *, model_path: Path, key: BlockKey, out: Path, n
                 progress(1)
     result = {"slices": count, "source": str(test), "image_shape": list(data.images.shape[1:]),
               "ckks": {"poly_modulus_degree": compiled.params.poly_degree, "upload_bytes": len(upload)},
-              "keyed": {"block": key.block, "key_id": key.key_id},
+              "keyed": {"block": key.block, "key_id": key.key_id, "single_slice_key_recovered": recovered},
               "tiers": {t: _summary(v) for t, v in rows.items()}}
     atomic_write_json(out / "leakage.json", result)
     _plot(examples, result, out / "leakage.png")

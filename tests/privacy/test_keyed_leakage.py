@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from federation.errors import ConfigError, DataError
-from privacy.keyed import BlockKey, apply_key, invert_key, train_tier
+from privacy.keyed import BlockKey, adapt_to_key, apply_key, invert_key, recover_key, train_tier
 from privacy.leakage import measure_leakage, phash_distance, render_bytes
 
 
@@ -62,8 +62,12 @@ def test_tier_trains_three_models_and_leakage_separates_encryption_from_transfor
         tiny_federation: Path, tmp_path: Path) -> None:
     key = BlockKey.generate(4)
     tier = train_tier(tiny_federation, test=tiny_federation / "test", key=key, out=tmp_path, epochs=1, size=32)
-    assert set(tier["models"]) == {"plain", "plain-adapt", "keyed"}
+    assert set(tier["models"]) == {"plain", "keyed", "keyed-learned"}
     assert tier["models"]["keyed"]["adapt_block"] == 4
+    assert tier["adaptation_fit"]["recovered_key"]  # fitted on the transformed training slices, without the key
+    assert tier["single_image_attack"]["whole_key_recovered"] == tier["single_image_attack"]["slices"] == 9
+    # the fitted keyed model is the plain model seen through the key: same start, same training, same scores
+    assert tier["models"]["keyed"]["auc_macro"] == pytest.approx(tier["models"]["plain"]["auc_macro"], abs=0.02)
     assert tier["key_id"] == key.key_id
     assert all(m["latency_s_per_image"] > 0 for m in tier["models"].values())
     assert key.key_id in (tmp_path / "tier.json").read_text()
@@ -77,6 +81,8 @@ def test_tier_trains_three_models_and_leakage_separates_encryption_from_transfor
         assert t[tier_name]["phash"]["mean"] > 20
     assert t["other-patient"]["ssim"]["mean"] > 0.2  # unrelated scans of the same anatomy share structure
     assert t["other-patient"]["ssim"]["mean"] > t["vault"]["ssim"]["mean"] + 0.15
+    assert result["keyed"]["single_slice_key_recovered"] == 9
+    assert t["keyed-attacked"]["ssim"]["min"] > 0.999  # the key recovered from each slice undoes it
     assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -106,3 +112,36 @@ def test_block_adaptation_can_undo_the_key_exactly_and_he_refuses_it() -> None:
     torch.testing.assert_close(keyed(apply_key(x, key)), plain(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(UnsupportedLayerError, match="BlockAdapt"):
         trace(keyed)
+
+    # adapt_to_key writes the same inverse and freezes it
+    fitted = build_model(ArchConfig(input_size=16, head=HeadKind.FLATTEN, adapt_block=4), seed=5)
+    adapt_to_key(fitted, key)
+    torch.testing.assert_close(fitted.adapt.mix.weight[:, :, 0, 0], weight)
+    torch.testing.assert_close(fitted.adapt.mix.bias, bias)
+    assert not any(p.requires_grad for p in fitted.adapt.parameters())
+    assert all(p.requires_grad for p in fitted.features.parameters())
+    with pytest.raises(ConfigError, match="block adaptation of block 4"):
+        adapt_to_key(plain, key)
+    with pytest.raises(ConfigError, match="block adaptation of block 2"):
+        adapt_to_key(fitted, BlockKey.generate(2))
+
+
+def test_one_transformed_slice_gives_away_the_key(tiny_federation: Path) -> None:
+    """The key-free jigsaw fit recovers permutation and flips exactly from one phantom slice, not from noise."""
+    from clients.ingest import Preprocess, load_dataset
+
+    slices = load_dataset(tiny_federation / "test", preprocess=Preprocess(size=32)).images
+    for i, block in enumerate((4, 4, 4, 2, 2)):
+        key = BlockKey.generate(block)
+        guess = recover_key(apply_key(slices[i:i + 1], key), block)
+        assert guess == key, (i, block)
+        torch.testing.assert_close(invert_key(apply_key(slices[i:i + 1], key), guess), slices[i:i + 1])
+    # negative control: without the correlations of an image there is nothing to fit
+    noise = torch.rand((1, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    key = BlockKey.generate(4)
+    guess = recover_key(apply_key(noise, key), 4)
+    assert sum(a == b for a, b in zip(guess.permutation, key.permutation, strict=True)) < 8
+    with pytest.raises(ConfigError, match="at least two blocks"):
+        recover_key(slices[:1, :, :4, :4], 4)
+    with pytest.raises(ConfigError, match="expected images"):
+        recover_key(slices[0], 4)
