@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from federation.console import console, out_console, progress_bar
 from federation.errors import PrivradError
 from federation.model import ArchConfig, HeadKind, ModelKind
 
@@ -26,15 +25,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out_console = Console()
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-    )
 
 
 @app.command()
@@ -54,7 +44,7 @@ def phantoms(
 
     cfg = PhantomConfig(sites=sites, per_site=per_site, test=test, size=size, seed=seed,
                         difficulty=difficulty, public=public)
-    with _progress() as bar:
+    with progress_bar("info") as bar:
         task = bar.add_task("phantoms", total=sites * per_site + test + public, info="")
         profiles = generate_phantoms(out, config=cfg, progress=lambda n: bar.advance(task, n))
     table = Table("site", "normal/cyst/tumour mix", "noise HU", "offset HU", "blur px")
@@ -90,7 +80,7 @@ def train(
 
     arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head), stem=stem)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr or default_lr(model), seed=seed)
-    with _progress() as bar:
+    with progress_bar("info") as bar:
         task = bar.add_task(f"train {model}", total=epochs, info="")
 
         def on_epoch(s: EpochStats) -> None:
@@ -214,7 +204,7 @@ def local(
                       public_dir=str(public or ""), pretrain_epochs=pretrain_epochs,
                       initial_model=str(init_model or ""), seed=seed)
     table = Table("site", "macro-AUC", "ε", title="local-only models")
-    with _progress() as bar:
+    with progress_bar("info") as bar:
         task = bar.add_task("sites", total=None, info="")
 
         def on_site(name: str, entry: dict[str, object]) -> None:
@@ -306,7 +296,7 @@ def budget(
                       rounds=rounds, local_epochs=local_epochs, holdout=holdout, delta=delta,
                       pretrain_epochs=pretrain_epochs, image_size=size, secagg=secagg, augment=augment)
     start = time.perf_counter()
-    with _progress() as bar:
+    with progress_bar("info") as bar:
         task = bar.add_task("budget sweep", total=len(plan(cfg)), info="preparing (split, pretraining, "
                                                                        "centralised reference)")
 
@@ -376,7 +366,7 @@ def _run_inversion(cfg: "SweepConfig", **kw: Any) -> dict[str, Any]:
     """The gradient-inversion audit of a sweep, one progress bar per setting."""
     from privacy.inversion import run_inversion_audit
 
-    with _progress() as bar:
+    with progress_bar("info") as bar:
         tasks: dict[str, Any] = {}
 
         def progress(setting: str, done: int, total: int) -> None:

@@ -8,19 +8,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from federation.console import console, out_console, progress_bar
 
 he_app = typer.Typer(help="CKKS encrypted inference: the hospital keeps the secret key, the server sees ciphertext.",
                      no_args_is_help=True)
-console = Console(stderr=True)
-out_console = Console()
-
-
-def _layer_progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[layer]}"), TimeElapsedColumn(), console=console, transient=True)
 
 
 def _print_layers(rows: list[dict[str, Any]], total: float, title: str) -> None:
@@ -120,7 +113,7 @@ def infer(
     m = CompiledModel.load(model)
     pk = PublicKeys.load(eval_keys, m.params)
     with InferenceServer(m, pk, workers=workers, model_path=model, progress=console.print) as server, \
-            _layer_progress() as bar:
+            progress_bar("layer", transient=True) as bar:
         task = bar.add_task("encrypted forward pass", total=len(m.plan.layers), layer="")
         t0 = time.perf_counter()
         reply, timings = server.infer(upload.read_bytes(),

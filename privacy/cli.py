@@ -6,22 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from federation.console import out_console, progress_bar
 
 vault_app = typer.Typer(help="Images at rest: de-identified, JPEG 2000 lossless, sealed with AES-256-GCM per site.",
                         no_args_is_help=True)
-console = Console(stderr=True)
-out_console = Console()
 
 VaultOpt = Annotated[Path, typer.Option(help="Vault folder (objects/ holds one sealed file per slice).")]
 KeyringOpt = Annotated[Path, typer.Option(help="The site's keyring file (mode 600; keep it at the site).")]
-
-
-def _bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
 
 
 @vault_app.command("keygen")
@@ -52,7 +45,7 @@ def put(
     if not files:
         raise typer.BadParameter(f"no DICOM files under {', '.join(map(str, paths))}")
     original = sealed = 0
-    with _bar() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("seal", total=len(files))
         for f in files:
             info = put_file(vault, f, ring)
@@ -116,7 +109,7 @@ def rotate(vault: VaultOpt, keyring: KeyringOpt) -> None:
 
     ring = Keyring.load(keyring)
     total = sum(1 for i in list_objects(vault) if i.site == ring.site)
-    with _bar() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("re-seal", total=total)
         count = rotate_key(vault, ring, progress=lambda n: bar.advance(task, n))
     out_console.print(f"re-sealed {count} objects of {ring.site} under key {ring.active}; old keys removed")
@@ -153,7 +146,7 @@ def keyed_train(
     from privacy.keyed import BlockKey, train_tier
 
     k = BlockKey.load(key)
-    with _bar() as bar:
+    with progress_bar() as bar:
         tasks = {name: bar.add_task(f"train {name}", total=epochs) for name in ("plain", "keyed", "keyed-learned")}
         result = train_tier(data, test=test or data / "test", key=k, out=out, epochs=epochs, seed=seed, size=size,
                             progress=lambda name, epoch: bar.update(tasks[name], completed=epoch))
@@ -183,7 +176,7 @@ def leakage(
     from privacy.keyed import BlockKey
     from privacy.leakage import measure_leakage
 
-    with _bar() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("measure", total=n)
         result = measure_leakage(test, model_path=model, key=BlockKey.load(key), out=out, n=n,
                                  progress=lambda k: bar.advance(task, k))

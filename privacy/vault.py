@@ -211,24 +211,31 @@ def _seal(info: ObjectInfo, payload: bytes, key: bytes) -> bytes:
     return MAGIC + struct.pack(">I", len(header)) + header + nonce + body
 
 
-def _parse(blob: bytes, where: Path) -> tuple[ObjectInfo, bytes, bytes, bytes]:
-    """Header, the raw header bytes, nonce and ciphertext of ``blob``."""
-    if not blob.startswith(MAGIC):
+def _parse_header(head: bytes, where: Path, size: int) -> tuple[ObjectInfo, bytes, int]:
+    """Header, its raw bytes and where the nonce starts, from the first bytes of an object of ``size`` bytes."""
+    if not head.startswith(MAGIC):
+        if MAGIC.startswith(head):
+            raise VaultError(f"{where}: truncated ({size} bytes)")
         raise VaultError(f"{where}: not a privrad vault object (or its start was damaged)")
     off = len(MAGIC)
-    if len(blob) < off + 4:
-        raise VaultError(f"{where}: truncated ({len(blob)} bytes)")
-    (hlen,) = struct.unpack(">I", blob[off:off + 4])
+    if len(head) < off + 4:
+        raise VaultError(f"{where}: truncated ({size} bytes)")
+    (hlen,) = struct.unpack(">I", head[off:off + 4])
     off += 4
-    if len(blob) < off + hlen + NONCE_BYTES + TAG_BYTES:
-        raise VaultError(f"{where}: truncated ({len(blob)} bytes, header says more)")
-    raw = blob[off:off + hlen]
+    if size < off + hlen + NONCE_BYTES + TAG_BYTES or len(head) < off + hlen:
+        raise VaultError(f"{where}: truncated ({size} bytes, header says more)")
+    raw = head[off:off + hlen]
     try:
         d = json.loads(raw)
-        info = ObjectInfo(**d, sealed_bytes=len(blob))
+        info = ObjectInfo(**d, sealed_bytes=size)
     except (ValueError, TypeError) as exc:
         raise VaultError(f"{where}: damaged header ({exc})") from None
-    off += hlen
+    return info, raw, off + hlen
+
+
+def _parse(blob: bytes, where: Path) -> tuple[ObjectInfo, bytes, bytes, bytes]:
+    """Header, the raw header bytes, nonce and ciphertext of ``blob``."""
+    info, raw, off = _parse_header(blob, where, len(blob))
     return info, raw, blob[off:off + NONCE_BYTES], blob[off + NONCE_BYTES:]
 
 
@@ -311,9 +318,10 @@ def list_objects(vault: Path) -> Iterator[ObjectInfo]:
     folder = _objects(vault)
     for path in sorted(folder.glob("*.pvo")) if folder.is_dir() else []:
         with path.open("rb") as fh:
-            head = fh.read(len(MAGIC) + 4 + 4096)
-        info, _, _, _ = _parse(head + b"\0" * (NONCE_BYTES + TAG_BYTES), path)
-        yield ObjectInfo(**{**info.__dict__, "sealed_bytes": path.stat().st_size})
+            head = fh.read(len(MAGIC) + 4)
+            if len(head) == len(MAGIC) + 4 and head.startswith(MAGIC):
+                head += fh.read(struct.unpack(">I", head[len(MAGIC):])[0])
+        yield _parse_header(head, path, path.stat().st_size)[0]
 
 
 def rotate_key(vault: Path, keyring: Keyring, *, progress: Callable[[int], None] | None = None) -> int:

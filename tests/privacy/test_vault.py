@@ -72,6 +72,9 @@ def test_tampering_truncation_and_wrong_keys_fail_loudly(tmp_path: Path, slices:
         path.write_bytes(good[:cut])
         with pytest.raises(VaultError, match=r"truncated|authentication failed|not a privrad vault object"):
             get_object(tmp_path / "v", info.object_id, ring)
+        if cut < 50:  # cut inside the header: listing, which reads headers only, says so too
+            with pytest.raises(VaultError, match=rf"{info.object_id}.pvo: truncated"):
+                list(list_objects(tmp_path / "v"))
 
     path.write_bytes(good)
     other = Keyring.create(tmp_path / "b.key", site="site-1")
