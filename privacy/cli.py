@@ -143,18 +143,17 @@ def keyed_train(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
 ) -> None:
     """Train the keyed-transform Approx-CNN beside plain references; print AUC and latency per image."""
-    from privacy.keyed import BlockKey, train_tier
+    from privacy.keyed import TIER_MODELS, BlockKey, train_tier
 
     k = BlockKey.load(key)
     with progress_bar() as bar:
-        tasks = {name: bar.add_task(f"train {name}", total=epochs) for name in ("plain", "keyed", "keyed-learned")}
+        tasks = {name: bar.add_task(f"train {name}", total=epochs) for name in TIER_MODELS}
         result = train_tier(data, test=test or data / "test", key=k, out=out, epochs=epochs, seed=seed, size=size,
                             progress=lambda name, epoch: bar.update(tasks[name], completed=epoch))
-    adaptation = {"plain": "none", "keyed": "fitted without the key", "keyed-learned": "learned, random start"}
     table = Table("model", "input", "block adaptation", "macro-AUC", "latency / image",
                   title=f"keyed tier (block {k.block})")
     for name, m in result["models"].items():
-        table.add_row(name, "plain" if name == "plain" else "keyed transform", adaptation[name],
+        table.add_row(name, "plain" if name == "plain" else "keyed transform", TIER_MODELS[name],
                       f"{m['auc_macro']:.3f}", f"{m['latency_s_per_image'] * 1e3:.2f} ms")
     out_console.print(table)
     fit, attack = result["adaptation_fit"], result["single_image_attack"]

@@ -41,9 +41,12 @@ from torch.nn import functional as F
 from federation.errors import ConfigError
 from federation.storage import atomic_write_bytes
 
-__all__ = ["BlockKey", "adapt_to_key", "apply_key", "invert_key", "latency_per_image", "recover_key"]
+__all__ = ["TIER_MODELS", "BlockKey", "adapt_to_key", "apply_key", "invert_key", "latency_per_image", "recover_key"]
 
 KEY_FORMAT = "privrad-block-key/1"
+
+TIER_MODELS = {"plain": "none", "keyed": "fitted without the key", "keyed-learned": "learned, random start"}
+"""The models :func:`train_tier` trains, in order, and how each one's block adaptation is made."""
 
 
 @dataclass(frozen=True)
@@ -324,9 +327,10 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
                            "flips_correct": sum(a == b for a, b in zip(fitted.flips, key.flips, strict=True))},
         "single_image_attack": {"slices": len(attack), "whole_key_recovered": sum(attack)},
         "models": {}}
-    for name, arch, train, tested in (("plain", plain_arch, train_set, test_set),
-                                      ("keyed", adapted, keyed_train, keyed_test),
-                                      ("keyed-learned", adapted, keyed_train, keyed_test)):
+    specs = {"plain": (plain_arch, train_set, test_set), "keyed": (adapted, keyed_train, keyed_test),
+             "keyed-learned": (adapted, keyed_train, keyed_test)}
+    for name in TIER_MODELS:
+        arch, train, tested = specs[name]
         model = build_model(arch, seed=seed)
         loaded = model.load_state_dict(initial, strict=False)  # the same initial weights but the adaptation's
         assert not loaded.unexpected_keys, loaded

@@ -145,3 +145,22 @@ def test_one_transformed_slice_gives_away_the_key(tiny_federation: Path) -> None
         recover_key(slices[:1, :, :4, :4], 4)
     with pytest.raises(ConfigError, match="expected images"):
         recover_key(slices[0], 4)
+
+
+def test_keyed_cli_keygen_and_train(tiny_federation: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from federation.cli import app
+
+    runner = CliRunner()
+    key = str(tmp_path / "block.key")
+    assert runner.invoke(app, ["keyed", "keygen", "--key", key]).exit_code == 0
+    again = runner.invoke(app, ["keyed", "keygen", "--key", key])
+    assert again.exit_code != 0
+    assert "refusing to overwrite" in str(again.exception) + again.output
+    result = runner.invoke(app, ["keyed", "train", "--data", str(tiny_federation), "--key", key,
+                                 "--out", str(tmp_path / "tier"), "--epochs", "1", "--size", "32"])
+    assert result.exit_code == 0, result.output
+    for name in ("plain", "keyed-learned", "fitted without", "16/16 positions", "9 of 9 single"):
+        assert name in result.output, name
+    assert json.loads((tmp_path / "tier" / "tier.json").read_text())["adaptation_fit"]["recovered_key"]
