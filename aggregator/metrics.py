@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.common import Metrics, NDArrays, Scalar
+from flwr.common import Message, Metrics, NDArrays, Scalar
 
 from clients.client_app import set_weights
 from clients.ingest import ImageSet, Preprocess
@@ -27,9 +28,19 @@ from federation.storage import atomic_write_json, save_checkpoint
 if TYPE_CHECKING:
     from aggregator.central_dp import CentralDP
 
-__all__ = ["RunRecorder"]
+__all__ = ["RunRecorder", "refusal_rule"]
 
 log = logging.getLogger(__name__)
+
+_RULE = re.compile(r"refused by site policy \[([a-z-]+)\]")
+
+
+def refusal_rule(reply: Message) -> str | None:
+    """The policy rule a site named when it refused a round (``None``: not a policy refusal)."""
+    if not reply.has_error():
+        return None
+    match = _RULE.search(reply.error.reason or "")
+    return match.group(1) if match else None
 
 
 class RunRecorder:
@@ -57,35 +68,31 @@ class RunRecorder:
         self._pending: dict[str, Any] = {}
         self._reports: list[dict[str, Any]] = []
         self.privacy_reports: list[dict[str, Any]] = []
+        self._refusals: dict[str, dict[int, str]] = {}  # round → node id → rule
         self._start = time.perf_counter()
         self.final: dict[str, Any] = {}
         self.central: CentralDP | None = None  # set by the ServerApp when central DP is on
 
     # -- Flower callbacks (legacy strategy hooks) -------------------------------------------
+    def on_reply(self, reply: Message) -> None:
+        """Note a site's refusal (an error reply naming a policy rule) under its round."""
+        rule = refusal_rule(reply)
+        if rule is not None:
+            self._refusals.setdefault(reply.metadata.group_id, {})[reply.metadata.src_node_id] = rule
+
     def aggregate_fit_metrics(self, results: Sequence[tuple[int, Metrics]]) -> Metrics:
-        """Reduce the clients' fit metrics; remember per-site ε and refusals."""
-        contributed = [m for n, m in results if n > 0]
-        refused = [m for _, m in results if int(m.get("refused", 0))]
-        self._reports = [{"site": str(m.get("site", "?")), "refused": int(m.get("refused", 0)),
-                          **{k: float(m[k]) for k in ("epsilon", "delta", "noise_multiplier") if k in m}}
+        """Reduce the clients' fit metrics (the allow-list: ε, δ, σ, steps); remember per-site ε."""
+        self._reports = [{"site": str(m.get("site", "?")),
+                          **{k: float(m[k]) for k in ("epsilon", "delta", "noise_multiplier", "steps") if k in m}}
                          for _, m in results]
         for _, m in results:
-            site = str(m.get("site", "?"))
-            entry = self.sites.setdefault(site, {})
+            entry = self.sites.setdefault(str(m.get("site", "?")), {})
             for key in ("epsilon", "delta", "noise_multiplier"):
                 if key in m:
                     entry[key] = float(m[key])
-            if int(m.get("refused", 0)):
-                entry["refused_rounds"] = entry.get("refused_rounds", 0) + 1
-                entry["reason"] = str(m.get("reason", ""))
         eps = [float(m["epsilon"]) for _, m in results if "epsilon" in m]
-        losses = [float(m["loss"]) for m in contributed if "loss" in m]
-        self._pending = {
-            "sites_contributed": len(contributed),
-            "sites_refused": len(refused),
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "epsilon_max": max(eps) if eps else 0.0,
-        }
+        self._pending = {"sites_contributed": sum(1 for n, _ in results if n > 0),
+                         "epsilon_max": max(eps) if eps else 0.0}
         out: dict[str, Scalar] = {k: v for k, v in self._pending.items()}
         return out
 
@@ -103,7 +110,14 @@ class RunRecorder:
             log.info("round 0 (initial model, %s): AUC %.3f", self.initial.get("source"), metrics["auc_macro"])
         else:
             aggregated = {"aggregated": True, **self._pending} if self._pending else {
-                "aggregated": False, "sites_contributed": 0, "sites_refused": 0}
+                "aggregated": False, "sites_contributed": 0}
+            refusals = self._refusals.pop(str(server_round), {})
+            aggregated["sites_refused"] = len(refusals)
+            if refusals:
+                aggregated["refusals"] = {rule: list(refusals.values()).count(rule) for rule in sorted(
+                    set(refusals.values()))}
+                log.warning("round %d: %d sites refused (%s)", server_round, len(refusals),
+                            ", ".join(f"{k} ×{v}" for k, v in aggregated["refusals"].items()))
             central = dict(self.central.last) if self.central is not None else {}
             row = {"round": server_round, "auc_macro": metrics["auc_macro"], "loss": loss,
                    "accuracy": metrics["accuracy"], **aggregated, **central,

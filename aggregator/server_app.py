@@ -17,12 +17,14 @@ the first, the global model is evaluated centrally on the held-out set and check
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.common import (
     Context,
+    Message,
+    RecordDict,
     EvaluateIns,
     EvaluateRes,
     FitIns,
@@ -38,11 +40,12 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 from aggregator.central_dp import CentralDP, plan_central_dp
 from aggregator.initial import initial_model
-from aggregator.metrics import RunRecorder
+from aggregator.metrics import RunRecorder, refusal_rule
 from clients.client_app import get_weights
 from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig, StrategyKind
@@ -50,7 +53,8 @@ from federation.errors import ConfigError
 from federation.model import build_model
 from privacy.ledger import PrivacyLedger
 
-__all__ = ["app", "build_strategy", "central_dp_strategy", "make_server_app", "secagg_workflow"]
+__all__ = ["ReplyObserver", "ReportingGrid", "RoundGuard", "app", "build_strategy", "central_dp_strategy",
+           "make_server_app", "refusal_rule", "secagg_workflow"]
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +87,23 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial_weights: NDArr
 
 
 FitObserver = Callable[[int, list[tuple[NDArrays, int]]], None]
+ReplyObserver = Callable[[Message], None]
 
+class RoundGuard(Strategy):
+    """Delegates to ``inner``; a round with no contribution keeps the global model instead of crashing.
 
-class ObservedStrategy(Strategy):
-    """A strategy that delegates to ``inner`` and shows ``observer`` what ``aggregate_fit`` receives.
-
-    Every ``(parameters, num_examples)`` the strategy is handed is exactly what
-    server-side code can see of the clients' updates.
+    Results of weight 0 are dropped before aggregation (Flower's in-place FedAvg divides by
+    the total weight); when none is left the round is empty: ``aggregate_fit`` returns no
+    parameters and the strategy's model stays. ``observer`` is shown every
+    ``(parameters, num_examples)`` the strategy is handed: exactly what server-side code
+    can see of the clients' updates.
     """
 
-    def __init__(self, inner: Strategy, observer: FitObserver) -> None:
+    def __init__(self, inner: Strategy, observer: FitObserver | None = None) -> None:
         self.inner, self.observer = inner, observer
+
+    def __repr__(self) -> str:
+        return f"RoundGuard({self.inner!r})"
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.inner.initialize_parameters(client_manager)
@@ -105,8 +115,14 @@ class ObservedStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self.observer(server_round, [(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in results])
-        return self.inner.aggregate_fit(server_round, results, failures)
+        if self.observer is not None:
+            self.observer(server_round, [(parameters_to_ndarrays(r.parameters), r.num_examples) for _, r in results])
+        contributing = [(p, r) for p, r in results if r.num_examples > 0]
+        if not contributing:
+            log.warning("round %d: no site contributed (%d failures); the global model stays", server_round,
+                        len(failures))
+            return None, {}
+        return self.inner.aggregate_fit(server_round, contributing, failures)
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                            ) -> list[tuple[ClientProxy, EvaluateIns]]:
@@ -121,12 +137,49 @@ class ObservedStrategy(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
 
+class ReportingGrid(Grid):
+    """A Grid that shows every reply it receives to ``observers`` (refusals, errors, contents) and passes it on."""
+
+    def __init__(self, inner: Grid, observers: Iterable[ReplyObserver]) -> None:
+        self.inner, self.observers = inner, list(observers)
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._show(self.inner.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._show(self.inner.send_and_receive(messages, timeout=timeout))
+
+    def _show(self, replies: Iterable[Message]) -> list[Message]:
+        out = list(replies)
+        for reply in out:
+            for observe in self.observers:
+                observe(reply)
+        return out
+
+
 def central_dp_strategy(cfg: RunConfig, inner: Strategy) -> CentralDP:
     """Wrap ``inner`` in central DP with the run's σ, C, δ and budget; the ledger is ``RUN/central_ledger.json``."""
     plan = plan_central_dp(clipping_norm=cfg.central_clipping_norm,
                            noise_multiplier=cfg.central_noise_multiplier or None,
                            epsilon_budget=cfg.central_epsilon_budget, delta=cfg.central_delta,
-                           sample_rate=cfg.fraction_fit, rounds=cfg.num_server_rounds)
+                           rounds=cfg.num_server_rounds)
     ledger = PrivacyLedger(Path(cfg.out_dir) / "central_ledger.json", site="central", budget=plan.epsilon_budget,
                            delta=plan.delta)
     log.info("central DP: sigma %.4g, C %g, planned epsilon %.3f at delta %g", plan.noise_multiplier,
@@ -145,11 +198,12 @@ def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
     )
 
 
-def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: FitObserver | None = None
-                    ) -> ServerApp:
+def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: FitObserver | None = None,
+                    on_reply: ReplyObserver | None = None) -> ServerApp:
     """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``.
 
-    ``observer`` (for audits and tests) is shown what the strategy receives each round.
+    ``observer`` (for audits and tests) is shown what the strategy receives each round,
+    ``on_reply`` every reply message the server gets (refusals included).
     """
     server = ServerApp()
 
@@ -164,12 +218,12 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: Fit
         strategy = build_strategy(cfg, recorder, get_weights(init.model))
         if cfg.central_dp:
             strategy = recorder.central = central_dp_strategy(cfg, strategy)
-        if observer is not None:
-            strategy = ObservedStrategy(strategy, observer)
+        strategy = RoundGuard(strategy, observer)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds),
                                strategy=strategy)
         workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg) if cfg.secagg else None)
-        workflow(grid, legacy)
+        observers = [recorder.on_reply, *([on_reply] if on_reply is not None else [])]
+        workflow(ReportingGrid(grid, observers), legacy)
         recorder.write()
 
     return server

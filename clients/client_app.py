@@ -1,53 +1,82 @@
-"""Flower ClientApp: one hospital trains the shared Approx-CNN on its own data.
+"""Flower ClientApp: one hospital trains the shared Approx-CNN on its own data, under its own policy.
 
 A thin adapter over :mod:`clients.ingest`, :mod:`clients.train` and :mod:`privacy`:
 
 * the hospital's folder is ``data-dir/site-K`` with ``K = partition-id + 1`` in simulation,
   or ``data-path`` from ``--node-config`` in deployment;
-* with ``dp`` on, local training is Opacus DP-SGD; every round's step set goes to the
-  site's privacy ledger (``ledger-path`` node config, else ``out-dir/ledger/site-K.json``),
-  which keeps ε cumulative across rounds and refuses a round that would exceed the budget;
+* the hospital's :class:`~privacy.policy.SitePolicy` comes from the node config
+  (``policy-file=…`` or policy keys) or from the hospital-side runner of a simulation,
+  never from the run config; :func:`policy_gate`, the outermost mod, reviews every
+  training message against it and answers a round that asks for less (DP off, a larger
+  budget, a smaller σ, a larger clipping norm, no SecAgg+, more rounds than planned, no
+  budget left) with an error reply naming the rule: no weights, no metrics, no ledger entry;
+* with DP-SGD, σ is derived at the site from its ledger, the round is reserved in the
+  ledger before training, and sampling and noise come from the site's CSPRNG;
+* what a fit reply may carry is the allow-list :class:`FitMetric`, checked by the gate on
+  the way out; under DP the aggregation weight is 1 (data-independent);
 * with ``secagg`` on, the reply passes through Flower's ``secaggplus_mod`` (legacy path:
   a ``NumPyClient``), so only masked vectors leave the hospital;
 * with ``central-dp`` on, Flower's ``fixedclipping_mod`` clips the update to the site's
-  own ``central-clipping-norm`` (it refuses a server that asks for a larger norm) before
-  SecAgg+ masks it, and the site reports weight 1 so that every site counts equally in
-  the mean the server noises (:mod:`aggregator.central_dp`).
+  own ``central-clipping-norm`` before SecAgg+ masks it.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
 import zlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from flwr.app import ConfigRecord
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Context, Message, MessageType
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common import Context, Error, Message, MessageType
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.ingest import ImageSet, Preprocess, load_dataset
-from clients.train import TrainConfig, evaluate, train_epochs
+from clients.train import TrainConfig, train_epochs
 from federation.config import RunConfig, StrategyKind
-from federation.errors import ConfigError, PrivacyBudgetError
+from federation.errors import ConfigError, PolicyRefusal
 from federation.model import PrivradCNN, build_model
-from privacy.dp import private_round, site_ledger
+from privacy.dp import plan_round, private_round
 from privacy.ledger import PrivacyLedger
+from privacy.policy import RoundRequest, SitePolicy, resolve_policy, review
 
-__all__ = ["HospitalClient", "app", "get_weights", "make_client_app", "set_weights", "site_data_path"]
+__all__ = ["FitMetric", "HospitalClient", "app", "get_weights", "make_client_app", "round_request", "set_weights",
+           "site_data_path"]
 
 log = logging.getLogger(__name__)
 
 NDArrays = list[npt.NDArray[Any]]
+Policies = SitePolicy | Mapping[str, SitePolicy]
+"""One policy for every virtual site, or one per site name (sites not named get the default)."""
+
+GATE_RECORD = "privrad.gate"
+"""Context-state record in which the gate tells ``fit`` whether the message came through SecAgg+."""
+
+
+class FitMetric(enum.StrEnum):
+    """The allow-list: the only metrics a fit reply may carry (none of them is a statistic of records)."""
+
+    SITE = "site"
+    ROUND = "round"
+    REFUSED = "refused"
+    EPSILON = "epsilon"
+    DELTA = "delta"
+    NOISE_MULTIPLIER = "noise_multiplier"
+    STEPS = "steps"
 
 
 def get_weights(model: PrivradCNN) -> NDArrays:
@@ -84,62 +113,159 @@ def site_data_path(context: Context, cfg: RunConfig | None = None) -> Path:
     return Path(root) / site_name(context)
 
 
-def ledger_path(context: Context, cfg: RunConfig) -> Path:
-    """Where this site's privacy ledger lives."""
-    if "ledger-path" in context.node_config:
-        return Path(str(context.node_config["ledger-path"]))
-    if not cfg.out_dir:
-        raise ConfigError("`out-dir` (run config) or `ledger-path` (node config) must be set with DP on")
-    return Path(cfg.out_dir) / "ledger" / f"{site_name(context)}.json"
+def round_request(cfg: RunConfig, *, secagg: bool) -> RoundRequest:
+    """What the run config (written by the coordinator) asks of a site; 0 means "the site decides"."""
+    return RoundRequest(dp=cfg.dp, secagg=secagg, epsilon_budget=cfg.epsilon_budget,
+                        target_epsilon=cfg.target_epsilon or None, noise_multiplier=cfg.noise_multiplier or None,
+                        max_grad_norm=cfg.max_grad_norm, delta=cfg.delta or None, rounds=cfg.num_server_rounds)
+
+
+def train_config(cfg: RunConfig, site: str, server_round: int) -> TrainConfig:
+    """Local optimiser settings; the seed (augmentation only) differs per round and site."""
+    return TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                       optimizer=cfg.optimizer, schedule="constant", augment=cfg.augment,
+                       seed=zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode()))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dataset(path: str, size: int, stamp: float) -> ImageSet:
+    return load_dataset(Path(path), preprocess=Preprocess(size=size))
+
+
+def _site_dataset(path: Path, size: int) -> ImageSet:
+    """The site's images, loaded once per process (each SecAgg+ stage builds a new client)."""
+    labels = path / "labels.csv"
+    stamp = labels.stat().st_mtime if labels.is_file() else (path.stat().st_mtime if path.exists() else 0.0)
+    return _cached_dataset(str(path), size, stamp)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital as its ClientApp sees it: name, data, policy and ledger (the ledger only with DP)."""
+
+    name: str
+    data: ImageSet
+    policy: SitePolicy
+    ledger: PrivacyLedger | None
+
+    @classmethod
+    def open(cls, context: Context, cfg: RunConfig, policies: Policies | None) -> Site:
+        """Resolve the site's policy, load its data and, with DP requested, open its ledger."""
+        name = site_name(context)
+        given = policies.get(name) if isinstance(policies, Mapping) else policies
+        policy = resolve_policy(context.node_config, given)
+        path = site_data_path(context, cfg)
+        data = _site_dataset(path, cfg.image_size)
+        ledger = None
+        if cfg.dp:
+            ledger = PrivacyLedger(policy.ledger_file(name, path), site=name, budget=policy.epsilon_budget,
+                                   delta=policy.delta)
+        return cls(name, data, policy, ledger)
+
+
+def _came_through_secagg(ctxt: Context) -> bool:
+    record = ctxt.state.config_records.get(GATE_RECORD)
+    return bool(record is not None and record.get("secagg", False))
 
 
 class HospitalClient(NumPyClient):
-    """Local (optionally DP-SGD) training on one site's images."""
+    """Local training on one site's images: DP-SGD under the site's policy, or plain where it allows."""
 
-    def __init__(self, data: ImageSet, cfg: RunConfig, *, site: str, ledger: PrivacyLedger | None,
+    def __init__(self, site: Site, cfg: RunConfig, *, run: str, secagg: bool,
                  before_fit: Callable[[], None] | None = None) -> None:
-        self.data, self.cfg, self.site, self.ledger = data, cfg, site, ledger
+        self.site, self.cfg, self.run, self.secagg = site, cfg, run, secagg
         self.before_fit = before_fit
-        self.arch = cfg.arch()
-        self.model = build_model(self.arch)
-
-    def train_config(self, server_round: int) -> TrainConfig:
-        """Local optimiser settings; the seed differs per round and site."""
-        return TrainConfig(epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size, lr=self.cfg.learning_rate,
-                           optimizer=self.cfg.optimizer, schedule="constant", augment=self.cfg.augment,
-                           seed=zlib.crc32(f"{self.cfg.seed}/{self.site}/{server_round}".encode()))
+        self.model = build_model(cfg.arch())
 
     def fit(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
-        """Train from the global weights; with DP, check and record the privacy spend."""
+        """Train from the global weights; with DP, reserve and record the privacy spend.
+
+        Raises
+        ------
+        PolicyRefusal
+            The round asks for less than the site's policy allows (the gate answers it).
+        """
         if self.before_fit is not None:
             self.before_fit()
-        server_round = int(config.get("server-round", 0))
+        server_round = int(config.get("server-round", 0))  # labels the ledger entry; trusted for nothing else
+        request = round_request(self.cfg, secagg=self.secagg)
         set_weights(self.model, parameters)
-        train = self.train_config(server_round)
-        metrics: dict[str, Any] = {"site": self.site, "refused": 0}
+        train = train_config(self.cfg, self.site.name, server_round)
         mu = self.cfg.proximal_mu if self.cfg.strategy is StrategyKind.FEDPROX else 0.0
-        if self.ledger is None:
-            loss = train_epochs(self.model, self.data, config=train, proximal_mu=mu)[-1].loss
+        metrics: dict[str, Any] = {FitMetric.SITE: self.site.name, FitMetric.ROUND: server_round,
+                                   FitMetric.REFUSED: 0}
+        if self.site.ledger is None:
+            review(self.site.policy, request)  # DP off: only where the policy allows it
+            train_epochs(self.model, self.site.data, config=train, proximal_mu=mu)
+            weight = len(self.site.data)  # non-private training: the policy accepted that n is visible
         else:
-            try:
-                result, eps = private_round(self.model, self.data, train=train, dp=self.cfg.dp_config(),
-                                            ledger=self.ledger, round_=server_round,
-                                            planned_rounds=self.cfg.num_server_rounds, proximal_mu=mu)
-            except PrivacyBudgetError as exc:
-                log.warning("%s", exc)
-                return parameters, 0, {**metrics, "refused": 1, "reason": str(exc),
-                                       "epsilon": self.ledger.epsilon(), "delta": self.ledger.delta}
-            loss = result.loss
-            metrics.update(epsilon=eps, delta=self.ledger.delta, noise_multiplier=result.step_set[0])
-        metrics["loss"] = float(loss)
-        # Central DP needs equal weights: its noise is calibrated to one site's share of the mean.
-        return get_weights(self.model), 1 if self.cfg.central_dp else len(self.data), metrics
+            result, eps, _ = private_round(self.model, self.site.data, train=train, policy=self.site.policy,
+                                           request=request, ledger=self.site.ledger, run=self.run,
+                                           round_=server_round, proximal_mu=mu)
+            metrics.update({FitMetric.EPSILON: eps, FitMetric.DELTA: self.site.ledger.delta,
+                            FitMetric.NOISE_MULTIPLIER: result.step_set[0], FitMetric.STEPS: result.step_set[2]})
+            weight = 1  # data-independent: n stays at the site
+        if self.cfg.central_dp:
+            weight = 1  # central DP's noise is calibrated to one site's share of the mean
+        return get_weights(self.model), weight, {str(k): v for k, v in metrics.items()}
 
-    def evaluate(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
-        """Local metrics of the global model (not used with centralised evaluation)."""
-        set_weights(self.model, parameters)
-        metrics = evaluate(self.model, self.data)
-        return 1.0 - float(metrics["auc_macro"]), len(self.data), {"auc_macro": metrics["auc_macro"]}
+
+def _refusal(msg: Message, exc: PolicyRefusal) -> Message:
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(exc)), reply_to=msg)
+
+
+def check_release(reply: Message, *, dp: bool) -> Message:
+    """Let a training reply leave only if its metrics are allow-listed (and, under DP, its weight is 1).
+
+    A reply that breaks the allow-list is replaced by an error reply: fail closed.
+    """
+    if reply.has_error():
+        return reply
+    content = reply.content
+    metrics = content.config_records.get("fitres.metrics")
+    extra = sorted(set(metrics or {}) - {str(m) for m in FitMetric})
+    problem = f"metrics {extra} are not on the allow-list" if extra else ""
+    weight = content.metric_records.get("fitres.num_examples")
+    if dp and weight is not None and weight.get("num_examples") not in (0, 1):
+        problem = f"weight {weight.get('num_examples')} under DP is not data-independent"
+    if problem:
+        log.error("withholding a fit reply: %s", problem)
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=f"site withheld its reply: {problem}"),
+                       reply_to=reply)
+    return reply
+
+
+def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
+                ) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """The outermost mod: review every training message against the site's policy; check what leaves.
+
+    Plain training messages and the SecAgg+ setup stage are reviewed in full (policy rules,
+    then the ledger); a refusal at setup keeps the site out of that round's SecAgg+ group.
+    A refusal raised later (another run took the last of the budget) is answered the same way.
+    """
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        secagg = configs is not None
+        ctxt.state.config_records[GATE_RECORD] = ConfigRecord({"secagg": secagg})
+        cfg = RunConfig.from_flower(ctxt.run_config, overrides).resolved(ctxt.run_id)
+        try:
+            if configs is None or configs.get(Key.STAGE) == Stage.SETUP:
+                site = Site.open(ctxt, cfg, policies)
+                request = round_request(cfg, secagg=secagg)
+                review(site.policy, request)
+                if site.ledger is not None:
+                    plan_round(site.policy, request, site.ledger, n=len(site.data),
+                               train=train_config(cfg, site.name, 0), run=str(ctxt.run_id))
+            reply = call_next(msg, ctxt)
+        except PolicyRefusal as exc:
+            log.warning("%s", exc)
+            return _refusal(msg, exc)
+        return check_release(reply, dp=cfg.dp)
+
+    return mod
 
 
 def secagg_when_configured(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -170,10 +296,13 @@ def central_clipping_mod(overrides: Mapping[str, Any] | None = None) -> Callable
     return mod
 
 
-def make_client_app(overrides: Mapping[str, Any] | None = None, *,
+def make_client_app(overrides: Mapping[str, Any] | None = None, *, policies: Policies | None = None,
                     before_fit: Callable[[Context], None] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``.
 
+    ``policies`` are the hospital side's: one :class:`~privacy.policy.SitePolicy` for every
+    virtual site or one per site name; a SuperNode's node config (``policy-file`` or policy
+    keys) takes precedence, and without either a site keeps the default (secure) policy.
     ``before_fit`` runs at the start of every ``fit``, mid-protocol under SecAgg+ (fault
     injection in dropout tests).
     """
@@ -181,16 +310,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *,
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)
         cfg = RunConfig.from_flower(context.run_config, overrides).resolved(context.run_id)
-        site = site_name(context)
-        data = load_dataset(site_data_path(context, cfg), preprocess=Preprocess(size=cfg.image_size))
-        ledger = None
-        if cfg.dp:
-            ledger = site_ledger(ledger_path(context, cfg), site=site, n=len(data), dp=cfg.dp_config())
+        site = Site.open(context, cfg, policies)
         hook = (lambda: before_fit(context)) if before_fit is not None else None
-        return HospitalClient(data, cfg, site=site, ledger=ledger, before_fit=hook).to_client()
+        return HospitalClient(site, cfg, run=str(context.run_id), secagg=_came_through_secagg(context),
+                              before_fit=hook).to_client()
 
-    # SecAgg+ outermost: the update is clipped before it is masked.
-    return ClientApp(client_fn=client_fn, mods=[secagg_when_configured, central_clipping_mod(overrides)])
+    # The policy gate outermost (it sees what leaves last); SecAgg+ next: the update is clipped before it is masked.
+    return ClientApp(client_fn=client_fn,
+                     mods=[policy_gate(policies, overrides), secagg_when_configured, central_clipping_mod(overrides)])
 
 
 app = make_client_app()

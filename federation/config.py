@@ -15,7 +15,6 @@ from typing import Any
 
 from federation.errors import ConfigError
 from federation.model import ArchConfig, HeadKind
-from privacy.dp import DPConfig
 
 __all__ = ["RunConfig", "StrategyKind"]
 
@@ -32,9 +31,13 @@ class StrategyKind(enum.StrEnum):
 class RunConfig:
     """One federated run.
 
-    Field names are the run-config keys with ``-`` replaced by ``_``. A value of 0 for
-    ``noise_multiplier``, ``target_epsilon`` or ``delta`` means "derive it" (σ from the
-    target ε over the planned rounds; target ε = budget; δ = 1/(10 N) per site).
+    Field names are the run-config keys with ``-`` replaced by ``_``. The coordinator
+    writes the run config, so its privacy fields (``dp``, ``epsilon_budget``,
+    ``target_epsilon``, ``noise_multiplier``, ``max_grad_norm``, ``delta``, ``secagg``) are
+    *requests*: every site reviews them against its own policy (:mod:`privacy.policy`)
+    and refuses a round that asks for less. A value of 0 for ``noise_multiplier``,
+    ``target_epsilon`` or ``delta`` leaves the choice to the site (σ from what is left of
+    its budget over the rounds still planned; target ε = the budget; δ = the site's).
 
     The initial global model is ``initial_model`` (a privrad checkpoint) if set; else,
     with ``pretrain_epochs`` > 0, the server pretrains on the public archive
@@ -135,12 +138,6 @@ class RunConfig:
             else:
                 values[name] = type(default)(value)
         return cls(**values)
-
-    def dp_config(self) -> DPConfig:
-        """The sites' DP settings (0 in the run config means "derive")."""
-        return DPConfig(max_grad_norm=self.max_grad_norm, noise_multiplier=self.noise_multiplier or None,
-                        target_epsilon=self.target_epsilon or None, epsilon_budget=self.epsilon_budget,
-                        delta=self.delta or None)
 
     def arch(self) -> ArchConfig:
         """The Approx-CNN architecture every party builds."""

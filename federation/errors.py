@@ -10,6 +10,7 @@ caller can catch the whole family at once and a CLI can print a clean message::
     │   └── LabelError         a label is not in the class list
     ├── ModelError             a model file or architecture is unusable
     ├── PrivacyBudgetError     a step would exceed a privacy budget
+    ├── PolicyRefusal          a round asks for less privacy than the site's policy allows (names the rule)
     └── HEError                encrypted inference cannot go on
         ├── UnsupportedLayerError  a layer has no CKKS equivalent (names the layer and why)
         ├── DepthError             the network is deeper than any 128-bit ring allows
@@ -66,6 +67,22 @@ class ModelError(PrivradError):
 
 class PrivacyBudgetError(PrivradError):
     """A DP step set would exceed the privacy budget."""
+
+
+class PolicyRefusal(PrivradError):
+    """A site refuses a round: the coordinator asked for less than the site's privacy policy allows.
+
+    Parameters
+    ----------
+    rule
+        The policy rule at fault (a :class:`privacy.policy.Rule` value, e.g. ``"dp-required"``).
+    problem
+        What was asked and what the policy allows.
+    """
+
+    def __init__(self, rule: str, problem: str) -> None:
+        self.rule, self.problem = str(rule), problem
+        super().__init__(f"refused by site policy [{self.rule}]: {problem}")
 
 
 class HEError(PrivradError):

@@ -1,41 +1,52 @@
 """DP-SGD for one site's local round, on Opacus (per-sample clipping, Gaussian noise, Poisson sampling).
 
-Pure pieces (δ default, σ from a target ε) are separate from the stateful Opacus run. The
-accountant's memory across rounds is the site's :class:`~privacy.ledger.PrivacyLedger`:
-a round returns its step set ``(σ, q, steps)`` and the caller records it.
+Three pieces, each owned by the site:
+
+* :func:`plan_round` (pure but for reading the ledger): the coordinator's request is
+  reviewed against the site's :class:`~privacy.policy.SitePolicy`; σ is derived from
+  what is left of the site's budget over the rounds still planned; the step count is
+  exact for every n (``epochs × ⌈n / B⌉`` steps at q = 1 / ⌈n / B⌉, built into the loader).
+* :class:`DPRandomness`: Poisson sampling and Gaussian noise come from generators seeded
+  from the operating system's CSPRNG (:mod:`secrets`) every round, never from anything
+  the coordinator sends; noise uses Opacus's floating-point-attack-resistant sampler
+  (``secure_mode``). The run's seed keeps serving initialisation and augmentation.
+* :func:`private_round`: reserve the round in the ledger (under its lock), train, settle.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import wrap_collate_with_empty
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
 from clients.ingest import ImageSet
 from clients.train import ProximalTerm, TrainConfig, make_optimizer
-from federation.errors import ConfigError, ModelError, PrivacyBudgetError
-from privacy.ledger import ALPHAS, PrivacyLedger, StepSet
+from federation.errors import ModelError, PolicyRefusal, PrivacyBudgetError
+from privacy.ledger import LedgerEntry, PrivacyLedger, StepSet, epsilon_of, merge_step_sets, noise_for_remaining
+from privacy.policy import RoundRequest, Rule, SitePolicy, review
 
 __all__ = [
-    "DPConfig",
+    "DPRandomness",
     "DPRoundResult",
-    "default_delta",
+    "RoundPlan",
+    "dp_loader",
     "noise_for_target",
-    "planned_step_set",
+    "plan_round",
     "private_round",
     "sample_rate",
-    "site_ledger",
     "steps_per_epoch",
     "train_dp_round",
 ]
@@ -43,85 +54,77 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: ``⌈n / B⌉``, exactly what :func:`dp_loader` yields."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    return math.ceil(n / batch_size)
+
+
+def sample_rate(n: int, batch_size: int) -> float:
+    """Poisson sampling rate q = 1 / ⌈n / B⌉ (expected batch n·q ≤ B)."""
+    return 1.0 / steps_per_epoch(n, batch_size)
+
+
+def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float, steps: int) -> float:
+    """σ such that ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon`` at ``delta`` (no history)."""
+    return noise_for_remaining(target_epsilon, delta=delta, history=(), sample_rate=sample_rate, steps=steps)
+
+
 @dataclass(frozen=True)
-class DPConfig:
-    """Differential-privacy settings of a site.
+class DPRandomness:
+    """The generators of one round's Poisson sampling and Gaussian noise.
 
-    Parameters
-    ----------
-    max_grad_norm
-        Per-sample gradient clipping bound C.
-    noise_multiplier
-        σ; if ``None`` it is derived so that the whole planned run reaches ``target_epsilon``.
-    target_epsilon
-        ε the planned run should reach (used only when ``noise_multiplier`` is ``None``);
-        defaults to ``epsilon_budget``.
-    epsilon_budget
-        The site refuses any round that would take its ε above this.
-    delta
-        δ; ``None`` means ``1 / (10 N)`` for a site with N images.
-    accountant
-        Opacus accountant: ``rdp`` (default) or ``prv``.
+    :meth:`fresh` seeds both from the operating system's CSPRNG; tests may pass seeded ones.
     """
 
-    max_grad_norm: float = 1.0
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    epsilon_budget: float = 8.0
-    delta: float | None = None
-    accountant: str = "rdp"
+    sampling: torch.Generator
+    noise: torch.Generator
 
-    def __post_init__(self) -> None:
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"`max_grad_norm` must be positive, got {self.max_grad_norm}")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ConfigError(f"`noise_multiplier` must be positive, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ConfigError(f"`target_epsilon` must be positive, got {self.target_epsilon}")
-        if not self.epsilon_budget > 0:
-            raise ConfigError(f"`epsilon_budget` must be positive, got {self.epsilon_budget}")
-        if self.delta is not None and not 0 < self.delta < 1:
-            raise ConfigError(f"`delta` must be in (0, 1), got {self.delta}")
-        if (self.target_epsilon or 0) > self.epsilon_budget:
-            raise ConfigError(f"`target_epsilon` {self.target_epsilon} exceeds `epsilon_budget` "
-                              f"{self.epsilon_budget}")
-        if self.accountant not in ("rdp", "prv"):
-            raise ConfigError(f"`accountant` must be 'rdp' or 'prv', got {self.accountant!r}")
+    @classmethod
+    def fresh(cls) -> DPRandomness:
+        """Two generators seeded from :func:`secrets.randbits` (63 bits each)."""
+        return cls(torch.Generator().manual_seed(secrets.randbits(63)),
+                   torch.Generator().manual_seed(secrets.randbits(63)))
 
 
-def default_delta(n: int, configured: float | None = None) -> float:
-    """δ of a site with ``n`` records: the configured value, else ``1 / (10 n)``."""
-    if configured is not None:
-        return configured
-    if n < 1:
-        raise ConfigError(f"a site needs at least one record to set delta, got n={n}")
-    return 1.0 / (10.0 * n)
+def dp_loader(data: ImageSet, *, batch_size: int, generator: torch.Generator) -> DataLoader[tuple[torch.Tensor, ...]]:
+    """Opacus's Poisson loader with the step count built in: ``⌈n / B⌉`` batches at q = 1 / ⌈n / B⌉.
 
-
-def site_ledger(path: Path, *, site: str, n: int, dp: DPConfig) -> PrivacyLedger:
-    """The privacy ledger of a site with ``n`` records, kept at ``dp``'s budget, δ and accountant."""
-    return PrivacyLedger(path, site=site, budget=dp.epsilon_budget, delta=default_delta(n, dp.delta),
-                         accountant=dp.accountant)
-
-
-@functools.lru_cache(maxsize=64)
-def noise_for_target(target_epsilon: float, *, delta: float, sample_rate: float, steps: int,
-                     accountant: str = "rdp") -> float:
-    """σ such that ``steps`` DP-SGD steps at ``sample_rate`` spend ``target_epsilon`` at ``delta``.
-
-    Opacus's binary search; the achieved ε is at most the target (tolerance 0.01), with
-    the same Rényi orders as the ledger's :func:`~privacy.ledger.epsilon_of`. Pure, so
-    cached: a site asks the same question every round.
+    Opacus's own ``DPDataLoader`` runs ``int(1 / q)`` steps, which floating point makes one
+    short for thousands of n (n = 2950, B = 32: 92 instead of 93); here the sampler is
+    told the exact count. Empty batches come out as zero-length tensors.
     """
-    alphas = {"alphas": list(ALPHAS)} if accountant == "rdp" else {}
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                      epsilon_tolerance=0.01, **alphas))
+    n = len(data)
+    steps = steps_per_epoch(n, batch_size)
+    dataset = TensorDataset(data.images, data.labels)
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=1.0 / steps, generator=generator, steps=steps)
+    first = dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=default_collate,
+                                      sample_empty_shapes=[(0, *x.shape) for x in first],
+                                      dtypes=[x.dtype for x in first])
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one DP-SGD round will spend: σ, C, q and the exact step count."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    delta: float
+
+    @property
+    def step_set(self) -> StepSet:
+        """The ledger's ``(σ, q, steps)``."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
 @dataclass(frozen=True)
 class DPRoundResult:
-    """What one DP-SGD round did."""
+    """What one DP-SGD round did (local: the loss never leaves the site)."""
 
     loss: float
     step_set: StepSet
@@ -129,19 +132,57 @@ class DPRoundResult:
     empty_batches: int = 0
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimizer steps per epoch under Poisson sampling, as Opacus runs them."""
-    return math.ceil(n / batch_size)
+def plan_round(policy: SitePolicy, request: RoundRequest, ledger: PrivacyLedger, *, n: int, train: TrainConfig,
+               run: str) -> RoundPlan:
+    """Review ``request`` against ``policy`` and the ledger; return the round's plan.
 
+    σ: the request's, if it gives one (at least the policy's minimum, and the run's remaining
+    rounds must fit in the budget at it); else the smallest σ ≥ the policy's minimum at
+    which the ledger plus every round still planned in this run stays within the target
+    (the request's, at most the policy's budget). While the run's own rounds all used the
+    σ derived for the whole run, that σ is kept (the same equation, cached).
 
-def sample_rate(n: int, batch_size: int) -> float:
-    """Poisson sampling rate q Opacus uses for a loader of ``n`` records in batches of ``batch_size``."""
-    return 1.0 / steps_per_epoch(n, batch_size)
-
-
-def planned_step_set(n: int, *, train: TrainConfig, noise_multiplier: float) -> StepSet:
-    """The step set one round of :func:`train_dp_round` will spend (checked against the ledger first)."""
-    return (noise_multiplier, sample_rate(n, train.batch_size), train.epochs * steps_per_epoch(n, train.batch_size))
+    Raises
+    ------
+    PolicyRefusal
+        Naming the rule the round breaks; nothing was reserved.
+    """
+    review(policy, request)
+    ledger.reload()
+    done = ledger.rounds_in_run(run)
+    remaining = request.rounds - done
+    if remaining < 1:
+        raise PolicyRefusal(Rule.PLANNED_ROUNDS, f"this site already trained the {request.rounds} rounds run {run} "
+                                                 "planned; its σ was sized for them")
+    q = sample_rate(n, train.batch_size)
+    steps = train.epochs * steps_per_epoch(n, train.batch_size)
+    target = min(request.target_epsilon or request.epsilon_budget, policy.epsilon_budget)
+    history = ledger.history
+    if request.noise_multiplier is not None:
+        sigma = request.noise_multiplier
+        after = epsilon_of([*history, (sigma, q, steps * remaining)], ledger.delta)
+        if after > target:
+            raise PolicyRefusal(Rule.BUDGET, f"{remaining} more rounds at σ {sigma:g} (q {q:.4g}, {steps} steps "
+                                             f"each) would bring ε to {after:.3f}, above {target:g} at "
+                                             f"δ {ledger.delta:g}")
+    else:
+        mine = [e.step_set for e in ledger.entries if e.run == run]
+        others = tuple(merge_step_sets(e.step_set for e in ledger.entries if e.run != run))
+        try:
+            sigma = noise_for_remaining(target, delta=ledger.delta, history=others, sample_rate=q,
+                                        steps=steps * request.rounds, floor=policy.min_noise_multiplier)
+            if any(s != (sigma, q, steps) for s in mine):  # the run deviated: size σ for what is left
+                sigma = noise_for_remaining(target, delta=ledger.delta, history=tuple(merge_step_sets(history)),
+                                            sample_rate=q, steps=steps * remaining,
+                                            floor=policy.min_noise_multiplier)
+        except PrivacyBudgetError as exc:
+            raise PolicyRefusal(Rule.BUDGET, f"{exc} (site {ledger.site}, run {run})") from None
+        if sigma > policy.max_noise_multiplier:
+            raise PolicyRefusal(Rule.BUDGET, f"ε {ledger.epsilon():.3f} of {target:g} is spent: the {remaining} "
+                                             f"rounds left would need σ {sigma:.3g}, above this site's "
+                                             f"max-noise-multiplier {policy.max_noise_multiplier:g}")
+    return RoundPlan(noise_multiplier=float(sigma), max_grad_norm=request.max_grad_norm, sample_rate=q, steps=steps,
+                     delta=ledger.delta)
 
 
 def train_dp_round(
@@ -149,34 +190,41 @@ def train_dp_round(
     data: ImageSet,
     *,
     train: TrainConfig,
-    dp: DPConfig,
-    noise_multiplier: float,
+    plan: RoundPlan,
+    randomness: DPRandomness | None = None,
     proximal_mu: float = 0.0,
 ) -> DPRoundResult:
-    """Train ``model`` in place for ``train.epochs`` with DP-SGD; return the step set spent.
+    """Train ``model`` in place for ``train.epochs`` with DP-SGD at ``plan``'s σ and C; return what it spent.
 
     The model must hold no batch statistics (Opacus refuses BatchNorm: per-sample
-    gradients would be mixed across samples). The steps are counted here, not read back
-    from Opacus's accountant, which merges equal step sets. An empty Poisson batch is a
-    step like any other (noise only), as the accountant assumes. ``proximal_mu`` > 0 adds
-    FedProx's proximal gradient after clipping and noise (it reads no record).
+    gradients would be mixed across samples). Steps are counted here; an empty Poisson
+    batch is a step like any other (noise only), as the accountant assumes.
+    ``proximal_mu`` > 0 adds FedProx's proximal gradient after clipping and noise (it
+    reads no record). ``randomness`` defaults to :meth:`DPRandomness.fresh`.
+
+    Raises
+    ------
+    ModelError
+        The model cannot be trained with per-sample gradients.
+    PrivacyBudgetError
+        The loader yielded another step count than planned (never silently).
     """
-    model.train()
-    prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
+    rng = randomness or DPRandomness.fresh()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ModelError(f"model cannot be trained with DP-SGD: {errors[0]}")
-    gen = torch.Generator().manual_seed(train.seed)
-    loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=train.batch_size, generator=gen)
-    optimizer, sched = make_optimizer(model, train, train.epochs * steps_per_epoch(len(data), train.batch_size))
-    with warnings.catch_warnings():
-        # Opacus warns that secure_mode=False uses torch's PRNG; a simulation accepts that.
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
-        dp_model, dp_opt, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
-    q = sample_rate(len(data), train.batch_size)
+    n = len(data)
+    if sample_rate(n, train.batch_size) != plan.sample_rate:
+        raise PrivacyBudgetError(f"plan has q {plan.sample_rate}, the data give {sample_rate(n, train.batch_size)}")
+    model.train()
+    prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
+    augment_gen = torch.Generator().manual_seed(train.seed)  # augmentation only: no privacy rests on it
+    loader = dp_loader(data, batch_size=train.batch_size, generator=rng.sampling)
+    optimizer, sched = make_optimizer(model, train, plan.steps)
+    gsm = GradSampleModule(model)
+    dp_opt = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                         expected_batch_size=max(1, round(n * plan.sample_rate)), generator=rng.noise,
+                         secure_mode=True)
     loss_fn = nn.CrossEntropyLoss()
     start, steps, total, count, empty = time.perf_counter(), 0, 0.0, 0, 0
     try:
@@ -185,13 +233,13 @@ def train_dp_round(
             # gradients" note: expected, images do not require gradients.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(train.epochs):
-                for x, y in dp_loader:
+                for x, y in loader:
                     if train.augment and len(x):
-                        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                        flip = torch.rand(x.shape[0], generator=augment_gen) < 0.5
                         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                     dp_opt.zero_grad(set_to_none=True)
                     if len(x):
-                        loss = loss_fn(dp_model(x), y)
+                        loss = loss_fn(gsm(x), y)
                         loss.backward()
                         total += loss.item() * len(y)
                         count += len(y)
@@ -199,16 +247,18 @@ def train_dp_round(
                         for p in dp_opt.params:
                             p.grad_sample = p.new_zeros((0, *p.shape))
                         empty += 1
-                    if dp_opt.pre_step():  # clip, noise and account; then the plain update
+                    if dp_opt.pre_step():  # clip, noise; then the plain update
                         if prox is not None:
                             prox.add_grad()
                         dp_opt.original_optimizer.step()
                     sched.step()
                     steps += 1
     finally:
-        dp_model._close()  # remove Opacus hooks so the module can be wrapped again
+        gsm._close()  # remove Opacus hooks so the module can be wrapped again
     model.eval()
-    return DPRoundResult(loss=total / max(count, 1), step_set=(noise_multiplier, q, steps),
+    if steps != plan.steps:
+        raise PrivacyBudgetError(f"ran {steps} DP-SGD steps, planned {plan.steps}")
+    return DPRoundResult(loss=total / max(count, 1), step_set=(plan.noise_multiplier, plan.sample_rate, steps),
                          seconds=time.perf_counter() - start, empty_batches=empty)
 
 
@@ -217,33 +267,31 @@ def private_round(
     data: ImageSet,
     *,
     train: TrainConfig,
-    dp: DPConfig,
+    policy: SitePolicy,
+    request: RoundRequest,
     ledger: PrivacyLedger,
+    run: str,
     round_: int,
-    planned_rounds: int,
     proximal_mu: float = 0.0,
-) -> tuple[DPRoundResult, float]:
-    """One DP-SGD round under a site's ledger: plan σ, check the budget, train, record.
+    randomness: DPRandomness | None = None,
+) -> tuple[DPRoundResult, float, LedgerEntry]:
+    """One DP-SGD round under the site's policy and ledger: plan, reserve, train, settle.
 
-    σ is ``dp.noise_multiplier``, or the σ at which ``planned_rounds`` rounds like this one
-    spend ``dp.target_epsilon`` (default: the budget). Returns the round and the site's
-    cumulative ε after it.
+    Returns the round, the site's cumulative ε after it and its ledger entry. The
+    reservation is written before any record is read, so a crash mid-round leaves it counted.
 
     Raises
     ------
-    PrivacyBudgetError
-        The round would take the site over its budget; nothing was trained or recorded.
+    PolicyRefusal
+        The round breaks a policy rule or does not fit the budget; nothing was trained.
     """
-    n = len(data)
-    sigma = dp.noise_multiplier
-    if sigma is None:
-        _, q, steps = planned_step_set(n, train=train, noise_multiplier=1.0)
-        sigma = noise_for_target(dp.target_epsilon or dp.epsilon_budget, delta=ledger.delta, sample_rate=q,
-                                 steps=steps * planned_rounds, accountant=dp.accountant)
-    planned = planned_step_set(n, train=train, noise_multiplier=sigma)
-    ledger.check([planned])
-    result = train_dp_round(model, data, train=train, dp=dp, noise_multiplier=sigma, proximal_mu=proximal_mu)
-    if result.step_set != planned:  # never record less than was spent
-        ledger.record(round_, [result.step_set])
-        raise PrivacyBudgetError(f"site {ledger.site}: ran {result.step_set}, planned {planned}")
-    return result, ledger.record(round_, [result.step_set])
+    plan = plan_round(policy, request, ledger, n=len(data), train=train, run=run)
+    try:
+        reservation = ledger.reserve(round_, plan.step_set, run=run)
+    except PrivacyBudgetError as exc:  # another run took the last of the budget since the plan
+        raise PolicyRefusal(Rule.BUDGET, str(exc)) from None
+    result = train_dp_round(model, data, train=train, plan=plan, randomness=randomness, proximal_mu=proximal_mu)
+    eps = ledger.settle(reservation, result.step_set)
+    log.info("site %s, run %s round %d: σ %.4g, q %.4g, %d steps; ε %.3f at δ %g", ledger.site, run, round_,
+             plan.noise_multiplier, plan.sample_rate, plan.steps, eps, ledger.delta)
+    return result, eps, reservation

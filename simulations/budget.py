@@ -2,8 +2,11 @@
 
 For every target ε (``inf`` = DP-SGD off) and seed, one federated DP-SGD + SecAgg+ run on
 Flower's Simulation Engine, in its own process. σ is derived per site from the target ε
-and the run's planned steps (:func:`privacy.dp.noise_for_target`), so each point spends
-its target and no more. Every point is then audited with membership inference
+and the run's planned steps (:func:`privacy.dp.plan_round`), so each point spends
+its target and no more. The sweep plays the hospitals too: each point gives its sites a
+policy (``points/P/site_policy.toml``: budget = the point's ε, δ, SecAgg+ required, DP
+required except at ε = ∞) with a fresh ledger folder of the point's own, since each point
+is another world in which the same patients were trained on once. Every point is then audited with membership inference
 (:mod:`privacy.membership`) on records of the same sites that were held out of training.
 
 Layout of ``RUN``::
@@ -13,7 +16,7 @@ Layout of ``RUN``::
     holdout/site-K/         the held-out records of each site: the audit's non-members
     init/seed-S.pt          public-pretrained initial model of seed S (costs no privacy)
     central/seed-S.json     centralised, non-private reference on the pooled training records
-    points/eps-E-seed-S/    one federated run; point.json is written last
+    points/eps-E-seed-S/    one federated run (site_policy.toml, ledgers/); point.json is written last
     budget.json, audit.json, budget.png, audit.png
 
 Resumable: a point whose ``point.json`` exists is not run again; a point that was
@@ -48,6 +51,7 @@ from federation.errors import ConfigError, DataError, PrivradError
 from federation.model import PrivradCNN
 from federation.storage import atomic_write_json, load_checkpoint, save_checkpoint
 from privacy.membership import LOW_FPRS, dp_tpr_bound, membership_audit
+from privacy.policy import SitePolicy
 from simulations.centralised import site_folders
 
 __all__ = ["SweepConfig", "SweepPoint", "aggregate", "load_sweep", "parse_epsilons", "plan", "run_sweep",
@@ -273,7 +277,14 @@ def _run_config(cfg: SweepConfig, point: SweepPoint, out: Path, init: Path) -> R
         out_dir=str(out), seed=point.seed, initial_model=str(init), pretrain_epochs=0,
         dp=point.private, max_grad_norm=cfg.max_grad_norm,
         target_epsilon=eps if point.private else 0.0, epsilon_budget=eps if point.private else 8.0,
-        delta=cfg.delta, secagg=cfg.secagg, augment=cfg.augment)
+        delta=0.0, secagg=cfg.secagg, augment=cfg.augment)
+
+
+def site_policy(cfg: SweepConfig, point: SweepPoint, folder: Path) -> SitePolicy:
+    """The virtual hospitals' policy for one point: its ε as the budget, a ledger folder of its own."""
+    return SitePolicy(dp_required=point.private, epsilon_budget=point.epsilon if point.private else 8.0,
+                      delta=cfg.delta, max_grad_norm=cfg.max_grad_norm, secagg_required=cfg.secagg,
+                      ledger_dir=str(folder / "ledgers"))
 
 
 def _audit_sets(cfg: SweepConfig) -> tuple[Any, Any]:
@@ -293,10 +304,12 @@ def run_point(cfg: SweepConfig, point: SweepPoint, *, audit_sets: tuple[Any, Any
     init = _initial_model(cfg, point.seed)
     run_cfg = _run_config(cfg, point, folder, init)
     atomic_write_json(folder / "run_config.json", run_cfg.to_flower())
+    site_policy(cfg, point, folder).save(folder / "site_policy.toml")
     start = time.perf_counter()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
     with (folder / "run.log").open("w") as logf:
-        proc = subprocess.run([sys.executable, "-m", "simulations.federated", str(folder / "run_config.json")],
+        proc = subprocess.run([sys.executable, "-m", "simulations.federated", str(folder / "run_config.json"),
+                               str(folder / "site_policy.toml")],
                               stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
     seconds = time.perf_counter() - start
     metrics_file = folder / "metrics.json"

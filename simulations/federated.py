@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import psutil
 
 from aggregator.server_app import make_server_app
-from clients.client_app import make_client_app
+from clients.client_app import Policies, make_client_app
 from federation.config import RunConfig
-from federation.errors import DataError
+from federation.errors import ConfigError, DataError
+from privacy.policy import SitePolicy
 from simulations.centralised import site_folders
 
 __all__ = ["FederatedResult", "run_federated"]
@@ -68,12 +70,36 @@ class FederatedResult:
     peak_rss_mb: float
 
 
-def run_federated(cfg: RunConfig, *, sites: int | None = None, cpus_per_client: float = 1.0,
-                  verbose: bool = False) -> FederatedResult:
+def check_policies_allow(cfg: RunConfig, policies: Policies | None, names: list[str]) -> None:
+    """Refuse up front a run the virtual sites' policies would refuse every round (a clear error, not empty rounds).
+
+    In a simulation this runner plays the hospitals, so it may read their policies; each
+    site still reviews every round itself.
+
+    Raises
+    ------
+    ConfigError
+        The run turns DP-SGD or SecAgg+ off and a site's policy requires it.
+    """
+    for name in names:
+        policy = policies.get(name, SitePolicy()) if isinstance(policies, Mapping) else (policies or SitePolicy())
+        if not cfg.dp and policy.dp_required:
+            raise ConfigError(f"DP-SGD is off, but {name}'s policy requires it (dp-required = true): give the "
+                              "sites a policy that allows it, e.g. `privrad policy init --out site.toml "
+                              "--allow-no-dp` and `--site-policy site.toml`")
+        if not cfg.secagg and policy.secagg_required:
+            raise ConfigError(f"SecAgg+ is off, but {name}'s policy requires it (secagg-required = true): give the "
+                              "sites a policy that allows it (`privrad policy init --allow-no-secagg`)")
+
+
+def run_federated(cfg: RunConfig, *, sites: int | None = None, policies: Policies | None = None,
+                  cpus_per_client: float = 1.0, verbose: bool = False) -> FederatedResult:
     """Run ``cfg`` on the Simulation Engine over ``data-dir``'s ``site-K`` folders.
 
-    ``sites`` defaults to every ``site-K`` folder found. Writes ``out-dir`` as the
-    ServerApp does (metrics.json, global_model.pt, checkpoints, ledger, training.png).
+    ``sites`` defaults to every ``site-K`` folder found. ``policies`` are the virtual
+    hospitals' (one for all, or one per site name; default: the secure default policy,
+    ledgers in ``data-dir/ledgers/``). Writes ``out-dir`` as the ServerApp does
+    (metrics.json, global_model.pt, checkpoints, training.png).
     """
     from flwr.simulation import run_simulation
 
@@ -84,6 +110,7 @@ def run_federated(cfg: RunConfig, *, sites: int | None = None, cpus_per_client: 
     n = sites or len(found)
     if n > len(found):
         raise DataError(data, f"has {len(found)} site folders, {n} sites requested")
+    check_policies_allow(cfg, policies, [f.name for f in found[:n]])
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     overrides = cfg.to_flower()
@@ -93,7 +120,7 @@ def run_federated(cfg: RunConfig, *, sites: int | None = None, cpus_per_client: 
     with TreeMemorySampler() as sampler:
         run_simulation(
             server_app=make_server_app(overrides),
-            client_app=make_client_app(overrides),
+            client_app=make_client_app(overrides, policies=policies),
             num_supernodes=n,
             backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                             "init_args": {"num_cpus": os.cpu_count() or 2, "include_dashboard": False,
@@ -109,20 +136,22 @@ def run_federated(cfg: RunConfig, *, sites: int | None = None, cpus_per_client: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m simulations.federated CONFIG.json``: one run from a flat run-config file.
+    """``python -m simulations.federated CONFIG.json [POLICY.toml]``: one run from a flat run-config file.
 
     Runners that need a fresh process per run (a parameter sweep: Ray and Opacus keep
-    process-wide state) call this; the exit status is 0 when ``metrics.json`` was written.
+    process-wide state) call this; ``POLICY.toml`` is every virtual site's policy. The
+    exit status is 0 when ``metrics.json`` was written.
     """
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m simulations.federated CONFIG.json", file=sys.stderr)
+    if len(args) not in (1, 2):
+        print("usage: python -m simulations.federated CONFIG.json [POLICY.toml]", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = RunConfig.from_flower(json.loads(Path(args[0]).read_text()))
-    result = run_federated(cfg)
+    policy = SitePolicy.load(Path(args[1])) if len(args) == 2 else None
+    result = run_federated(cfg, policies=policy)
     log.info("finished in %.0f s, final macro-AUC %s", result.seconds, result.metrics["final"].get("auc_macro"))
     return 0
 

@@ -17,7 +17,9 @@ from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import DataError
 from federation.storage import atomic_write_json, save_checkpoint
-from privacy.dp import private_round, site_ledger
+from privacy.dp import private_round
+from privacy.ledger import PrivacyLedger
+from privacy.policy import RoundRequest, SitePolicy
 from simulations.centralised import site_folders
 
 __all__ = ["run_local"]
@@ -29,7 +31,10 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
     Every site starts from the federated run's initial model (:func:`aggregator.initial.initial_model`:
     public pretraining where a public archive exists), so the comparison isolates collaboration.
     With DP on, each site spends its budget exactly as in the federated run (σ derived
-    from the same target ε over the same number of steps), recorded in its own ledger.
+    from the same target ε over the same number of steps), recorded in a ledger of this
+    experiment (``out-dir/ledger/site-K.json``; the hospital's own federated ledgers are not
+    touched). Here the hospital runs everything itself, so its policy is the run's
+    settings, with no SecAgg+ to require: nothing leaves the site but the model.
     Writes ``out-dir/site-K/model.pt`` and ``out-dir/metrics.json``.
     """
     data, out = Path(cfg.data_dir), Path(cfg.out_dir)
@@ -49,10 +54,17 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
         model = copy.deepcopy(init.model)
         entry: dict[str, Any] = {"train_images": len(site_data)}
         if cfg.dp:
-            dp = cfg.dp_config()
-            ledger = site_ledger(out / "ledger" / f"{folder.name}.json", site=folder.name, n=len(site_data), dp=dp)
-            result, eps = private_round(model, site_data, train=train, dp=dp, ledger=ledger, round_=1,
-                                        planned_rounds=1)
+            policy = SitePolicy(epsilon_budget=cfg.epsilon_budget, delta=cfg.delta or SitePolicy().delta,
+                                max_grad_norm=cfg.max_grad_norm, secagg_required=False,
+                                ledger_dir=str(out / "ledger"))
+            request = RoundRequest(dp=True, secagg=False, epsilon_budget=cfg.epsilon_budget,
+                                   target_epsilon=cfg.target_epsilon or None,
+                                   noise_multiplier=cfg.noise_multiplier or None, max_grad_norm=cfg.max_grad_norm,
+                                   delta=None, rounds=1)
+            ledger = PrivacyLedger(policy.ledger_file(folder.name, folder), site=folder.name,
+                                   budget=policy.epsilon_budget, delta=policy.delta)
+            result, eps, _ = private_round(model, site_data, train=train, policy=policy, request=request,
+                                           ledger=ledger, run=f"local-{time.time_ns()}", round_=1)
             entry.update(epsilon=eps, delta=ledger.delta, noise_multiplier=result.step_set[0])
         else:
             train_epochs(model, site_data, config=train)
