@@ -109,15 +109,15 @@ class RunRecorder:
             self.initial.update(auc_macro=metrics["auc_macro"], auc_per_class=metrics["auc_per_class"], loss=loss)
             log.info("round 0 (initial model, %s): AUC %.3f", self.initial.get("source"), metrics["auc_macro"])
         else:
-            aggregated = {"aggregated": True, **self._pending} if self._pending else {
+            aggregated: dict[str, Any] = {"aggregated": True, **self._pending} if self._pending else {
                 "aggregated": False, "sites_contributed": 0}
             refusals = self._refusals.pop(str(server_round), {})
             aggregated["sites_refused"] = len(refusals)
             if refusals:
-                aggregated["refusals"] = {rule: list(refusals.values()).count(rule) for rule in sorted(
-                    set(refusals.values()))}
+                rules = {rule: list(refusals.values()).count(rule) for rule in sorted(set(refusals.values()))}
+                aggregated["refusals"] = rules
                 log.warning("round %d: %d sites refused (%s)", server_round, len(refusals),
-                            ", ".join(f"{k} ×{v}" for k, v in aggregated["refusals"].items()))
+                            ", ".join(f"{k} ×{v}" for k, v in rules.items()))
             central = dict(self.central.last) if self.central is not None else {}
             row = {"round": server_round, "auc_macro": metrics["auc_macro"], "loss": loss,
                    "accuracy": metrics["accuracy"], **aggregated, **central,

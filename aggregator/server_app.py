@@ -23,14 +23,14 @@ from typing import Any
 
 from flwr.common import (
     Context,
-    Message,
-    RecordDict,
     EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
+    Message,
     NDArrays,
     Parameters,
+    RecordDict,
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -40,12 +40,12 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from aggregator.central_dp import CentralDP, plan_central_dp
 from aggregator.initial import initial_model
-from aggregator.metrics import RunRecorder, refusal_rule
+from aggregator.metrics import RunRecorder
 from clients.client_app import get_weights
 from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig, StrategyKind
@@ -53,8 +53,7 @@ from federation.errors import ConfigError
 from federation.model import build_model
 from privacy.ledger import PrivacyLedger
 
-__all__ = ["ReplyObserver", "ReportingGrid", "RoundGuard", "app", "build_strategy", "central_dp_strategy",
-           "make_server_app", "refusal_rule", "secagg_workflow"]
+__all__ = ["app", "build_strategy", "central_dp_strategy", "make_server_app", "secagg_workflow"]
 
 log = logging.getLogger(__name__)
 

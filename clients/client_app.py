@@ -48,7 +48,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from clients.ingest import ImageSet, Preprocess, load_dataset
 from clients.train import TrainConfig, train_epochs
 from federation.config import RunConfig, StrategyKind
-from federation.errors import ConfigError, PolicyRefusal
+from federation.errors import ConfigError, PolicyRefusedError
 from federation.model import PrivradCNN, build_model
 from privacy.dp import plan_round, private_round
 from privacy.ledger import PrivacyLedger
@@ -182,7 +182,7 @@ class HospitalClient(NumPyClient):
 
         Raises
         ------
-        PolicyRefusal
+        PolicyRefusedError
             The round asks for less than the site's policy allows (the gate answers it).
         """
         if self.before_fit is not None:
@@ -210,7 +210,7 @@ class HospitalClient(NumPyClient):
         return get_weights(self.model), weight, {str(k): v for k, v in metrics.items()}
 
 
-def _refusal(msg: Message, exc: PolicyRefusal) -> Message:
+def _refusal(msg: Message, exc: PolicyRefusedError) -> Message:
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=str(exc)), reply_to=msg)
 
 
@@ -260,7 +260,7 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
                     plan_round(site.policy, request, site.ledger, n=len(site.data),
                                train=train_config(cfg, site.name, 0), run=str(ctxt.run_id))
             reply = call_next(msg, ctxt)
-        except PolicyRefusal as exc:
+        except PolicyRefusedError as exc:
             log.warning("%s", exc)
             return _refusal(msg, exc)
         return check_release(reply, dp=cfg.dp)

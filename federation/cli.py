@@ -110,11 +110,16 @@ def simulate(
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 2,
     dp: Annotated[bool, typer.Option(help="DP-SGD at every site (Opacus).")] = True,
     secagg: Annotated[bool, typer.Option(help="Secure aggregation (Flower SecAgg+).")] = True,
-    epsilon_budget: Annotated[float, typer.Option(help="Per-site ε budget; a site refuses to exceed it.")] = 8.0,
+    epsilon_budget: Annotated[float, typer.Option(help="ε budget asked of every site (a site refuses more than "
+                                                        "its policy allows).")] = 8.0,
     target_epsilon: Annotated[float, typer.Option(help="ε the planned run spends (0 = the budget).")] = 0.0,
-    noise_multiplier: Annotated[float, typer.Option(help="σ (0 = derived from the target ε).")] = 0.0,
-    delta: Annotated[float, typer.Option(help="δ (0 = 1/(10 N) per site).")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Per-sample clipping bound C.")] = 1.0,
+    noise_multiplier: Annotated[float, typer.Option(help="σ asked (0 = each site derives it from what is left "
+                                                          "of its budget).")] = 0.0,
+    delta: Annotated[float, typer.Option(help="δ asked (0 = each site's policy δ).")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Per-sample clipping bound C asked.")] = 1.0,
+    site_policy: Annotated[Path | None, typer.Option(help="Every virtual site's privacy policy (TOML; "
+                                                          "`privrad policy init`); default: DP-SGD and SecAgg+ "
+                                                          "required, ε ≤ 8, ledgers in DATA/ledgers/.")] = None,
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam.")] = "fedavg",
     proximal_mu: Annotated[float, typer.Option(help="FedProx's μ (with --strategy fedprox).")] = 0.01,
@@ -137,7 +142,12 @@ def simulate(
     central_delta: Annotated[float, typer.Option(help="Site-level δ.")] = 1e-5,
     seed: Annotated[int, typer.Option(help="Seed of the initial model and local shuffling.")] = 0,
 ) -> None:
-    """Federated training on Flower's Simulation Engine (Ray), one virtual SuperNode per site."""
+    """Federated training on Flower's Simulation Engine (Ray), one virtual SuperNode per site.
+
+    The run's privacy settings are requests; each site reviews them against its own policy
+    and refuses a round that asks for less.
+    """
+    from privacy.policy import SitePolicy
     from simulations.federated import run_federated
 
     cfg = _run_config(data, out, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp, secagg=secagg,
@@ -152,14 +162,16 @@ def simulate(
                       central_epsilon_budget=central_epsilon_budget, central_delta=central_delta)
     console.print(f"simulating {sites or 'all'} sites x {rounds} rounds (DP-SGD {'on' if dp else 'off'}, "
                   f"SecAgg+ {'on' if secagg else 'off'}, central DP {'on' if central_dp else 'off'}) …")
-    result = run_federated(cfg, sites=sites)
-    table = Table("round", "macro-AUC", "test loss", "max ε", "central ε", "sites", "s",
+    policy = SitePolicy.load(site_policy) if site_policy is not None else None
+    result = run_federated(cfg, sites=sites, policies=policy)
+    table = Table("round", "macro-AUC", "test loss", "max ε", "central ε", "sites", "refused", "s",
                   title=f"federated run {out}")
     for row in result.metrics["rounds"]:
+        refusals = ", ".join(f"{k} ×{v}" for k, v in row.get("refusals", {}).items()) or "–"
         table.add_row(str(row["round"]), f"{row['auc_macro']:.3f}", f"{row['loss']:.3f}",
                       f"{row.get('epsilon_max', 0.0):.2f}" if dp else "–",
                       f"{row['central_epsilon']:.2f}" if "central_epsilon" in row else "–",
-                      f"{row.get('sites_contributed', '?')}", f"{row['seconds']:.0f}")
+                      f"{row.get('sites_contributed', '?')}", refusals, f"{row['seconds']:.0f}")
     initial = result.metrics.get("initial", {})
     if "auc_macro" in initial:
         out_console.print(f"initial model ({initial['source']}): macro-AUC {initial['auc_macro']:.3f}")
@@ -176,6 +188,49 @@ def simulate(
                       f"model {out / 'global_model.pt'}")
 
 
+policy_app = typer.Typer(help="A hospital's privacy policy: what its site allows, whatever the coordinator asks.",
+                         no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("init")
+def policy_init(
+    out: Annotated[Path, typer.Option(help="Where to write the policy (TOML).")],
+    epsilon_budget: Annotated[float, typer.Option(help="ε the site may ever spend (all runs on its ledger).")] = 8.0,
+    delta: Annotated[float, typer.Option(help="δ of every ε the site accounts.")] = 1e-5,
+    max_grad_norm: Annotated[float, typer.Option(help="Largest per-sample clipping bound a run may use.")] = 1.0,
+    min_noise_multiplier: Annotated[float, typer.Option(help="Smallest σ a run may use.")] = 0.5,
+    allow_no_dp: Annotated[bool, typer.Option(help="Let a run turn DP-SGD off (non-private training).")] = False,
+    allow_no_secagg: Annotated[bool, typer.Option(help="Let a run send updates without SecAgg+.")] = False,
+    ledger_dir: Annotated[str, typer.Option(help="Folder of the site's persistent ledger (relative to the "
+                                                 "policy file; empty: DATA/ledgers beside the data).")] = "",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a site privacy policy (the secure default unless loosened explicitly)."""
+    from privacy.policy import SitePolicy
+
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to overwrite it", param_hint="--out")
+    policy = SitePolicy(dp_required=not allow_no_dp, epsilon_budget=epsilon_budget, delta=delta,
+                        max_grad_norm=max_grad_norm, min_noise_multiplier=min_noise_multiplier,
+                        secagg_required=not allow_no_secagg, ledger_dir=ledger_dir)
+    policy.save(out)
+    out_console.print(f"wrote {out}:")
+    out_console.print(out.read_text())
+
+
+@policy_app.command("show")
+def policy_show(path: Annotated[Path, typer.Argument(help="A policy file.")]) -> None:
+    """Validate a policy file and print what it allows."""
+    from privacy.policy import SitePolicy
+
+    policy = SitePolicy.load(path)
+    table = Table("rule", "value", title=str(path))
+    for key, value in policy.to_dict().items():
+        table.add_row(key, str(value))
+    out_console.print(table)
+
+
 @app.command()
 def local(
     data: Annotated[Path, typer.Option(help="Data folder with site-K/ folders and test/.")],
@@ -184,7 +239,7 @@ def local(
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round to match.")] = 2,
     dp: Annotated[bool, typer.Option(help="DP-SGD with the same budget as the federated run.")] = True,
     epsilon_budget: Annotated[float, typer.Option(help="Per-site ε budget.")] = 8.0,
-    delta: Annotated[float, typer.Option(help="δ (0 = 1/(10 N) per site).")] = 0.0,
+    delta: Annotated[float, typer.Option(help="δ (0 = 1e-5).")] = 0.0,
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
     head: Annotated[str, typer.Option(help="Approx-CNN head: flatten or gap.")] = "flatten",
     public: Annotated[Path | None, typer.Option(help="Public archive the server pretrains on "

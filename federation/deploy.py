@@ -205,12 +205,15 @@ class LocalFederation:
             self.supernode(site, data, port=self.port + 10 + n)
 
     def supernode(self, site: str, data: Path, *, port: int) -> subprocess.Popen[bytes]:
-        """Start the SuperNode of ``site`` (its own key, its own data folder and ledger)."""
-        ledger = self.root / "ledgers" / f"{site}.json"
+        """Start the SuperNode of ``site`` (its own key, data folder, privacy policy and ledger)."""
+        from privacy.policy import SitePolicy
+
+        policy = self.root / "policies" / f"{site}.toml"
+        SitePolicy(ledger_dir=str(self.root / "ledgers")).save(policy)
         return self._spawn([self._bin("flower-supernode"), "--root-certificates", str(self.certs.ca_cert),
                             "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key",
                             str(self.certs.site_keys[site][0]), "--node-config",
-                            f"data-path='{data}' ledger-path='{ledger}' site='{site}'", "--port", str(port)],
+                            f"data-path='{data}' policy-file='{policy}' site='{site}'", "--port", str(port)],
                            f"supernode-{site}.log")
 
     def run(self, app: Path, run_config: str) -> str:

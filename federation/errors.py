@@ -10,7 +10,7 @@ caller can catch the whole family at once and a CLI can print a clean message::
     │   └── LabelError         a label is not in the class list
     ├── ModelError             a model file or architecture is unusable
     ├── PrivacyBudgetError     a step would exceed a privacy budget
-    ├── PolicyRefusal          a round asks for less privacy than the site's policy allows (names the rule)
+    ├── PolicyRefusedError          a round asks for less privacy than the site's policy allows (names the rule)
     └── HEError                encrypted inference cannot go on
         ├── UnsupportedLayerError  a layer has no CKKS equivalent (names the layer and why)
         ├── DepthError             the network is deeper than any 128-bit ring allows
@@ -69,7 +69,7 @@ class PrivacyBudgetError(PrivradError):
     """A DP step set would exceed the privacy budget."""
 
 
-class PolicyRefusal(PrivradError):
+class PolicyRefusedError(PrivradError):
     """A site refuses a round: the coordinator asked for less than the site's privacy policy allows.
 
     Parameters

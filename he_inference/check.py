@@ -46,13 +46,19 @@ def read_image(path: Path, preprocess: dict[str, Any]) -> Array:
 
 
 def compile_checkpoint(model_path: Path, *, calibration: Array | None = None,
-                       options: CompileOptions | None = None) -> tuple[CompiledModel, torch.nn.Module]:
-    """Compile a saved privrad checkpoint; the artifact carries the client's preprocessing."""
+                       options: CompileOptions | None = None,
+                       calibration_source: str = "uniform noise") -> tuple[CompiledModel, torch.nn.Module]:
+    """Compile a saved privrad checkpoint; the artifact carries the client's preprocessing.
+
+    ``calibration_source`` says in the artifact what the value ranges were measured on
+    (``model.he`` goes to the server, and the ranges are statistics of those images).
+    """
     from federation.storage import load_checkpoint
 
     ckpt = load_checkpoint(model_path)
     net = trace(ckpt.model.eval(), classes=tuple(ckpt.meta["classes"]))
-    meta = {"preprocess": ckpt.meta.get("preprocess", {}), "source": str(model_path), "source_sha256": ckpt.sha256}
+    meta = {"preprocess": ckpt.meta.get("preprocess", {}), "source": str(model_path), "source_sha256": ckpt.sha256,
+            "calibration": calibration_source}
     return compile_model(net, options=options, calibration=calibration, meta=meta), ckpt.model.eval()
 
 

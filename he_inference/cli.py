@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,22 +30,42 @@ def _print_layers(rows: list[dict[str, Any]], total: float, title: str) -> None:
 def compile_(
     model: Annotated[Path, typer.Option(help="A model.pt written by train or simulate (an Approx-CNN).")],
     out: Annotated[Path, typer.Option(help="Where to write the compiled model (.he).")],
-    calibration: Annotated[Path | None, typer.Option(help="Images that bound every layer's values "
-                                                          "(default: uniform noise).")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="PUBLIC or synthetic images that bound every layer's "
+                                                          "values, e.g. DATA/public (default: uniform noise).")
+                           ] = None,
+    private_calibration: Annotated[Path | None, typer.Option(help="A site's OWN images instead (their value "
+                                                                  "ranges go into model.he, which the server "
+                                                                  "receives); prints a warning.")] = None,
     n_calibration: Annotated[int, typer.Option(help="How many calibration images to use.")] = 64,
 ) -> None:
-    """Fold, range-check, pick CKKS parameters and plan the packing; save a self-contained .he file."""
+    """Fold, range-check, pick CKKS parameters and plan the packing; save a self-contained .he file.
+
+    ``model.he`` goes to the inference server, and the value ranges measured on the
+    calibration images go with it, so they come from public or synthetic images by default.
+    """
     from he_inference.check import compile_checkpoint
 
-    calib = None
-    if calibration is not None:
+    if calibration is not None and private_calibration is not None:
+        raise typer.BadParameter("give --calibration (public) or --private-calibration, not both")
+    if calibration is not None and re.fullmatch(r"site-\d+", calibration.resolve().name):
+        raise typer.BadParameter(f"{calibration} looks like a hospital's own data: calibrate on public images "
+                                 "(e.g. DATA/public), or pass it as --private-calibration to accept that its "
+                                 "value ranges go into model.he", param_hint="--calibration")
+    calib, source = None, "uniform noise"
+    folder = private_calibration or calibration
+    if folder is not None:
         from clients.ingest import Preprocess, load_dataset
         from federation.storage import load_checkpoint
         meta = load_checkpoint(model).meta
-        ds = load_dataset(calibration, classes=meta["classes"], preprocess=Preprocess(**meta["preprocess"]))
+        ds = load_dataset(folder, classes=meta["classes"], preprocess=Preprocess(**meta["preprocess"]))
         calib = ds.images[:n_calibration].double().numpy()
+        source = f"{'private' if private_calibration is not None else 'public'}: {len(calib)} images"
+        if private_calibration is not None:
+            console.print(f"[yellow]warning:[/yellow] model.he will carry the per-layer maximum |value| measured on "
+                          f"{len(calib)} of {folder}'s own images; whoever receives model.he (the inference "
+                          "server) learns those statistics")
     t0 = time.perf_counter()
-    compiled, _ = compile_checkpoint(model, calibration=calib)
+    compiled, _ = compile_checkpoint(model, calibration=calib, calibration_source=source)
     digest = compiled.save(out)
     p = compiled.params
     out_console.print(f"{out}: N={p.poly_degree}, moduli {list(p.coeff_bits)} bits, scale 2^{p.scale_bits}, "
@@ -224,7 +245,7 @@ def classify(
 @he_app.command()
 def demo(
     run: Annotated[Path, typer.Option(help="A federated run folder (global_model.pt, metrics.json).")],
-    data: Annotated[Path, typer.Option(help="The phantom data folder (site-1/ for calibration, test/).")],
+    data: Annotated[Path, typer.Option(help="The phantom data folder (public/ for calibration, test/).")],
     out: Annotated[Path, typer.Option(help="Where model.he, the client's keys and demo.json go.")],
     workers: Annotated[int, typer.Option(help="Server processes.")] = 2,
 ) -> None:

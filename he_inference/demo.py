@@ -30,10 +30,13 @@ def run_demo(run: Path, data: Path, out: Path, *, workers: int = 2,
 
     model_pt = run / "global_model.pt"
     meta = load_checkpoint(model_pt).meta
-    calib = load_dataset(data / "site-1", classes=meta["classes"],
-                         preprocess=Preprocess(**meta["preprocess"])).images[:32].double().numpy()
+    calib, source = None, "uniform noise"
+    if (data / "public").is_dir():  # public images only: model.he (and its value ranges) goes to the server
+        calib = load_dataset(data / "public", classes=meta["classes"],
+                             preprocess=Preprocess(**meta["preprocess"])).images[:32].double().numpy()
+        source = f"public: {len(calib)} images"
     t0 = time.perf_counter()
-    compiled, _ = compile_checkpoint(model_pt, calibration=calib)
+    compiled, _ = compile_checkpoint(model_pt, calibration=calib, calibration_source=source)
     he = out / "model.he"
     compiled.save(he)
     compile_s = time.perf_counter() - t0

@@ -34,7 +34,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from clients.ingest import ImageSet
 from clients.train import ProximalTerm, TrainConfig, make_optimizer
-from federation.errors import ModelError, PolicyRefusal, PrivacyBudgetError
+from federation.errors import ModelError, PolicyRefusedError, PrivacyBudgetError
 from privacy.ledger import LedgerEntry, PrivacyLedger, StepSet, epsilon_of, merge_step_sets, noise_for_remaining
 from privacy.policy import RoundRequest, Rule, SitePolicy, review
 
@@ -144,7 +144,7 @@ def plan_round(policy: SitePolicy, request: RoundRequest, ledger: PrivacyLedger,
 
     Raises
     ------
-    PolicyRefusal
+    PolicyRefusedError
         Naming the rule the round breaks; nothing was reserved.
     """
     review(policy, request)
@@ -152,8 +152,8 @@ def plan_round(policy: SitePolicy, request: RoundRequest, ledger: PrivacyLedger,
     done = ledger.rounds_in_run(run)
     remaining = request.rounds - done
     if remaining < 1:
-        raise PolicyRefusal(Rule.PLANNED_ROUNDS, f"this site already trained the {request.rounds} rounds run {run} "
-                                                 "planned; its σ was sized for them")
+        raise PolicyRefusedError(Rule.PLANNED_ROUNDS, f"this site already trained the {request.rounds} rounds "
+                                                      f"run {run} planned; its σ was sized for them")
     q = sample_rate(n, train.batch_size)
     steps = train.epochs * steps_per_epoch(n, train.batch_size)
     target = min(request.target_epsilon or request.epsilon_budget, policy.epsilon_budget)
@@ -162,9 +162,9 @@ def plan_round(policy: SitePolicy, request: RoundRequest, ledger: PrivacyLedger,
         sigma = request.noise_multiplier
         after = epsilon_of([*history, (sigma, q, steps * remaining)], ledger.delta)
         if after > target:
-            raise PolicyRefusal(Rule.BUDGET, f"{remaining} more rounds at σ {sigma:g} (q {q:.4g}, {steps} steps "
-                                             f"each) would bring ε to {after:.3f}, above {target:g} at "
-                                             f"δ {ledger.delta:g}")
+            raise PolicyRefusedError(Rule.BUDGET, f"{remaining} more rounds at σ {sigma:g} (q {q:.4g}, {steps} steps "
+                                                  f"each) would bring ε to {after:.3f}, above {target:g} at "
+                                                  f"δ {ledger.delta:g}")
     else:
         mine = [e.step_set for e in ledger.entries if e.run == run]
         others = tuple(merge_step_sets(e.step_set for e in ledger.entries if e.run != run))
@@ -176,11 +176,11 @@ def plan_round(policy: SitePolicy, request: RoundRequest, ledger: PrivacyLedger,
                                             sample_rate=q, steps=steps * remaining,
                                             floor=policy.min_noise_multiplier)
         except PrivacyBudgetError as exc:
-            raise PolicyRefusal(Rule.BUDGET, f"{exc} (site {ledger.site}, run {run})") from None
+            raise PolicyRefusedError(Rule.BUDGET, f"{exc} (site {ledger.site}, run {run})") from None
         if sigma > policy.max_noise_multiplier:
-            raise PolicyRefusal(Rule.BUDGET, f"ε {ledger.epsilon():.3f} of {target:g} is spent: the {remaining} "
-                                             f"rounds left would need σ {sigma:.3g}, above this site's "
-                                             f"max-noise-multiplier {policy.max_noise_multiplier:g}")
+            raise PolicyRefusedError(Rule.BUDGET, f"ε {ledger.epsilon():.3f} of {target:g} is spent: the {remaining} "
+                                                  f"rounds left would need σ {sigma:.3g}, above this site's "
+                                                  f"max-noise-multiplier {policy.max_noise_multiplier:g}")
     return RoundPlan(noise_multiplier=float(sigma), max_grad_norm=request.max_grad_norm, sample_rate=q, steps=steps,
                      delta=ledger.delta)
 
@@ -210,13 +210,13 @@ def train_dp_round(
         The loader yielded another step count than planned (never silently).
     """
     rng = randomness or DPRandomness.fresh()
+    model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ModelError(f"model cannot be trained with DP-SGD: {errors[0]}")
     n = len(data)
     if sample_rate(n, train.batch_size) != plan.sample_rate:
         raise PrivacyBudgetError(f"plan has q {plan.sample_rate}, the data give {sample_rate(n, train.batch_size)}")
-    model.train()
     prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
     augment_gen = torch.Generator().manual_seed(train.seed)  # augmentation only: no privacy rests on it
     loader = dp_loader(data, batch_size=train.batch_size, generator=rng.sampling)
@@ -282,14 +282,14 @@ def private_round(
 
     Raises
     ------
-    PolicyRefusal
+    PolicyRefusedError
         The round breaks a policy rule or does not fit the budget; nothing was trained.
     """
     plan = plan_round(policy, request, ledger, n=len(data), train=train, run=run)
     try:
         reservation = ledger.reserve(round_, plan.step_set, run=run)
     except PrivacyBudgetError as exc:  # another run took the last of the budget since the plan
-        raise PolicyRefusal(Rule.BUDGET, str(exc)) from None
+        raise PolicyRefusedError(Rule.BUDGET, str(exc)) from None
     result = train_dp_round(model, data, train=train, plan=plan, randomness=randomness, proximal_mu=proximal_mu)
     eps = ledger.settle(reservation, result.step_set)
     log.info("site %s, run %s round %d: σ %.4g, q %.4g, %d steps; ε %.3f at δ %g", ledger.site, run, round_,

@@ -6,7 +6,7 @@ the hospital keeps it — a TOML file named by the SuperNode's ``--node-config
 policy-file=…``, policy keys in the node config itself, or (in a simulation) the policy
 the hospital-side runner hands each virtual site — and :func:`review` compares every
 round's request against it. A round asking for less than the policy allows is refused
-with the rule named (:class:`~federation.errors.PolicyRefusal`); nothing trained on
+with the rule named (:class:`~federation.errors.PolicyRefusedError`); nothing trained on
 records leaves the site.
 
 The default policy is the secure one: DP-SGD required, ε ≤ 8 at δ = 1e-5, per-sample
@@ -38,7 +38,7 @@ from typing import Any
 
 import tomli_w
 
-from federation.errors import ConfigError, PolicyRefusal
+from federation.errors import ConfigError, PolicyRefusedError
 from federation.storage import atomic_write_bytes
 
 __all__ = ["POLICY_FILE_KEY", "RoundRequest", "Rule", "SitePolicy", "resolve_policy", "review"]
@@ -205,6 +205,9 @@ def resolve_policy(node_config: Mapping[str, Any], given: SitePolicy | None = No
     top of ``given`` or the default); ``given`` (the hospital-side runner's, in a
     simulation); the default policy. Nothing is read from the run config.
     """
+    if "ledger-path" in node_config:
+        raise ConfigError("node config key `ledger-path` is no longer read: set `ledger-dir` in the site's policy "
+                          "(`policy-file=…` or a `ledger-dir=…` node-config key)")
     if POLICY_FILE_KEY in node_config:
         return SitePolicy.load(Path(str(node_config[POLICY_FILE_KEY])))
     keys = {_key(f.name) for f in dataclasses.fields(SitePolicy)}
@@ -237,28 +240,28 @@ def review(policy: SitePolicy, request: RoundRequest) -> None:
 
     Raises
     ------
-    PolicyRefusal
+    PolicyRefusedError
         Naming the first rule the request breaks.
     """
     if policy.secagg_required and not request.secagg:
-        raise PolicyRefusal(Rule.SECAGG_REQUIRED, "this site sends updates only through SecAgg+; the round "
-                                                  "came without it")
+        raise PolicyRefusedError(Rule.SECAGG_REQUIRED, "this site sends updates only through SecAgg+; the round "
+                                                       "came without it")
     if not request.dp:
         if policy.dp_required:
-            raise PolicyRefusal(Rule.DP_REQUIRED, "the run turns DP-SGD off; this site's policy requires it")
+            raise PolicyRefusedError(Rule.DP_REQUIRED, "the run turns DP-SGD off; this site's policy requires it")
         return
     if request.epsilon_budget > policy.epsilon_budget:
-        raise PolicyRefusal(Rule.EPSILON_BUDGET, f"the run asks for an ε budget of {request.epsilon_budget:g}; "
-                                                 f"this site allows at most {policy.epsilon_budget:g}")
+        raise PolicyRefusedError(Rule.EPSILON_BUDGET, f"the run asks for an ε budget of {request.epsilon_budget:g}; "
+                                                      f"this site allows at most {policy.epsilon_budget:g}")
     if request.target_epsilon is not None and request.target_epsilon > policy.epsilon_budget:
-        raise PolicyRefusal(Rule.EPSILON_BUDGET, f"the run targets ε {request.target_epsilon:g}; this site "
-                                                 f"allows at most {policy.epsilon_budget:g}")
+        raise PolicyRefusedError(Rule.EPSILON_BUDGET, f"the run targets ε {request.target_epsilon:g}; this site "
+                                                      f"allows at most {policy.epsilon_budget:g}")
     if request.delta is not None and request.delta != policy.delta:
-        raise PolicyRefusal(Rule.DELTA, f"the run asks for δ {request.delta:g}; this site accounts at "
-                                        f"δ {policy.delta:g}")
+        raise PolicyRefusedError(Rule.DELTA, f"the run asks for δ {request.delta:g}; this site accounts at "
+                                             f"δ {policy.delta:g}")
     if request.max_grad_norm > policy.max_grad_norm:
-        raise PolicyRefusal(Rule.MAX_GRAD_NORM, f"the run asks for clipping norm {request.max_grad_norm:g}; "
-                                                f"this site allows at most {policy.max_grad_norm:g}")
+        raise PolicyRefusedError(Rule.MAX_GRAD_NORM, f"the run asks for clipping norm {request.max_grad_norm:g}; "
+                                                     f"this site allows at most {policy.max_grad_norm:g}")
     if request.noise_multiplier is not None and request.noise_multiplier < policy.min_noise_multiplier:
-        raise PolicyRefusal(Rule.MIN_NOISE_MULTIPLIER, f"the run asks for σ {request.noise_multiplier:g}; this "
-                                                       f"site requires at least {policy.min_noise_multiplier:g}")
+        raise PolicyRefusedError(Rule.MIN_NOISE_MULTIPLIER, f"the run asks for σ {request.noise_multiplier:g}; this "
+                                                            f"site requires at least {policy.min_noise_multiplier:g}")

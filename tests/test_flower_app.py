@@ -11,10 +11,11 @@ from flwr.clientapp import ClientApp
 from flwr.common import Context, RecordDict
 from flwr.server import ServerApp
 
-from clients.client_app import HospitalClient, get_weights, set_weights, site_data_path
+from clients.client_app import HospitalClient, Site, get_weights, set_weights, site_data_path
 from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig
 from federation.model import build_model
+from privacy.policy import SitePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,17 +43,29 @@ def test_a_hospital_client_trains_from_the_sent_weights(tiny_federation: Path) -
     cfg = RunConfig(image_size=32, dp=False, local_epochs=1)
     arch = cfg.arch()
     data = load_dataset(tiny_federation / "site-1", preprocess=Preprocess(size=32))
-    client = HospitalClient(data, cfg, site="site-1", ledger=None)
+    policy = SitePolicy(dp_required=False)  # this site allows non-private training
+    client = HospitalClient(Site("site-1", data, policy, None), cfg, run="1", secagg=True)
     start = get_weights(build_model(arch, seed=0))
 
     weights, n, metrics = client.fit(start, {"server-round": 1})
 
-    assert n == len(data)
-    assert np.isfinite(metrics["loss"])
-    assert metrics["site"] == "site-1"
-    assert metrics["refused"] == 0
+    assert n == len(data)  # without DP the policy accepted that its size is visible
+    assert metrics == {"site": "site-1", "round": 1, "refused": 0}  # no loss: nothing about the records
     assert len(weights) == len(start)
     assert any(not np.array_equal(a, b) for a, b in zip(weights, start, strict=True))
     model = build_model(arch)
     set_weights(model, weights)
     assert all(np.array_equal(a, b) for a, b in zip(get_weights(model), weights, strict=True))
+
+
+def test_a_site_whose_policy_requires_dp_refuses_a_plain_round(tiny_federation: Path) -> None:
+    import pytest
+
+    from federation.errors import PolicyRefusedError
+
+    cfg = RunConfig(image_size=32, dp=False, local_epochs=1)
+    data = load_dataset(tiny_federation / "site-1", preprocess=Preprocess(size=32))
+    client = HospitalClient(Site("site-1", data, SitePolicy(), None), cfg, run="1", secagg=True)
+
+    with pytest.raises(PolicyRefusedError, match=r"\[dp-required\]"):
+        client.fit(get_weights(build_model(cfg.arch(), seed=0)), {"server-round": 1})

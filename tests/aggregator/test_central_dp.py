@@ -25,11 +25,12 @@ from flwr.compat.common import recorddict_compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
+from opacus.accountants import RDPAccountant
 
 from aggregator.central_dp import CentralDP, plan_central_dp
 from clients.client_app import central_clipping_mod
 from federation.errors import ConfigError
-from privacy.ledger import PrivacyLedger, epsilon_of
+from privacy.ledger import ALPHAS, PrivacyLedger, epsilon_of
 
 DELTA = 1e-5
 SIZE = 200_000        # coordinates: the sample std of N(0, s²) is within 0.5 % of s (10 standard errors)
@@ -66,7 +67,7 @@ def _manager(n: int) -> tuple[SimpleClientManager, list[ClientProxy]]:
 def _wrapper(tmp_path: Path, *, sigma: float = 2.0, clip: float = 1.0, budget: float = 1e3, rounds: int = 3
              ) -> CentralDP:
     plan = plan_central_dp(clipping_norm=clip, noise_multiplier=sigma, epsilon_budget=budget, delta=DELTA,
-                           sample_rate=1.0, rounds=rounds)
+                           rounds=rounds)
     ledger = PrivacyLedger(tmp_path / "central.json", site="central", budget=budget, delta=DELTA)
     return CentralDP(FedAvg(min_fit_clients=2, min_available_clients=2), plan=plan, ledger=ledger,
                      rng=np.random.default_rng(0))
@@ -78,41 +79,53 @@ def _results(proxies: list[ClientProxy], vectors: list[np.ndarray], weights: lis
             for p, v, n in zip(proxies, vectors, weights, strict=True)]
 
 
-@pytest.mark.parametrize(("contributing", "refused"), [(4, 0), (3, 1)])
-def test_the_noise_is_sigma_c_over_the_contributing_sites_on_their_mean(
+def _accountant_epsilon(sigma: float, releases: int) -> float:
+    """Independent reference: Opacus' RDP accountant stepped once per release, sampling rate 1."""
+    acc = RDPAccountant()
+    for _ in range(releases):
+        acc.step(noise_multiplier=sigma, sample_rate=1.0)
+    return float(acc.get_epsilon(delta=DELTA, alphas=list(ALPHAS)))
+
+
+@pytest.mark.parametrize(("contributing", "refused"), [(4, 0), (3, 1), (1, 3)])
+def test_the_noise_is_sigma_c_over_the_sites_asked_whatever_the_dropouts(
         tmp_path: Path, contributing: int, refused: int) -> None:
     manager, proxies = _manager(4)
     dp = _wrapper(tmp_path)
-    zero = ndarrays_to_parameters([np.zeros(SIZE, np.float32)])
-    asked = dp.configure_fit(1, zero, manager)
+    start = np.random.default_rng(2).uniform(-1, 1, SIZE).astype(np.float32)
+    asked = dp.configure_fit(1, ndarrays_to_parameters([start]), manager)
     rng = np.random.default_rng(1)
-    vectors = [rng.uniform(-0.1, 0.1, SIZE).astype(np.float32) for _ in proxies]
-    weights = [1] * contributing + [0] * refused     # a site over its own budget sends weight 0
+    vectors = [start + rng.uniform(-0.1, 0.1, SIZE).astype(np.float32) for _ in proxies]
+    weights = [1] * contributing + [0] * refused     # a refusing site contributes nothing
 
     params, metrics = dp.aggregate_fit(1, _results(proxies, vectors, weights), [])
 
     assert params is not None
     assert len(asked) == 4
     assert all(ins.config["clipping_norm"] == 1.0 for _, ins in asked)
-    noise = parameters_to_ndarrays(params)[0] - np.mean(vectors[:contributing], axis=0)
-    expected = 2.0 * 1.0 / contributing
-    assert noise.std() == pytest.approx(expected, rel=STD_RTOL)
-    assert abs(noise.mean()) < 5 * expected / np.sqrt(SIZE)
-    assert metrics["central_sites"] == contributing
-    assert metrics["central_epsilon"] == pytest.approx(epsilon_of([(2.0, 1.0, 1)], DELTA))
+    # the estimate divides the contributions' sum by the k = 4 sites asked
+    expected = start + sum(v - start for v in vectors[:contributing]) / 4
+    noise = parameters_to_ndarrays(params)[0].astype(np.float64) - expected
+    assert noise.std() == pytest.approx(2.0 * 1.0 / 4, rel=STD_RTOL)
+    assert abs(noise.mean()) < 5 * 0.5 / np.sqrt(SIZE)
+    assert "central_sites" not in metrics  # participation is not published
+    assert metrics["central_noise_std"] == pytest.approx(0.5)
+    assert metrics["central_epsilon"] == pytest.approx(_accountant_epsilon(2.0, 1), rel=1e-9)
     assert dp.ledger.history == [(2.0, 1.0, 1)]
 
 
-def test_a_dropped_site_shrinks_the_mean_and_the_noise_grows_to_match(tmp_path: Path) -> None:
+def test_a_timed_out_site_changes_neither_the_denominator_nor_the_noise(tmp_path: Path) -> None:
     manager, proxies = _manager(3)
     dp = _wrapper(tmp_path)
     dp.configure_fit(1, ndarrays_to_parameters([np.zeros(SIZE, np.float32)]), manager)
-    vectors = [np.zeros(SIZE, np.float32)] * 2
+    vectors = [np.full(SIZE, 0.3, np.float32)] * 2
 
     params, _ = dp.aggregate_fit(1, _results(proxies[:2], vectors, [1, 1]), [TimeoutError("site 3 hung")])
 
     assert params is not None  # Flower's own wrapper releases nothing once any site fails
-    assert parameters_to_ndarrays(params)[0].std() == pytest.approx(2.0 / 2, rel=STD_RTOL)
+    released = parameters_to_ndarrays(params)[0]
+    assert released.mean() == pytest.approx(0.2, abs=5 * (2.0 / 3) / np.sqrt(SIZE))  # 2 × 0.3 / 3 asked
+    assert released.std() == pytest.approx(2.0 / 3, rel=STD_RTOL)
 
 
 def test_central_epsilon_accumulates_and_a_round_over_budget_is_refused(tmp_path: Path) -> None:
@@ -129,6 +142,7 @@ def test_central_epsilon_accumulates_and_a_round_over_budget_is_refused(tmp_path
     asked = dp.configure_fit(3, zero, manager)
 
     assert eps[0] < eps[1] == pytest.approx(two_rounds)
+    assert eps[1] == pytest.approx(_accountant_epsilon(2.0, 2), rel=1e-9)
     assert asked == []
     assert dp.last["central_refused"] == 1.0
     assert dp.aggregate_fit(3, _results(proxies, [np.zeros(10, np.float32)] * 2, [1, 1]), []) == (None, {})
@@ -137,13 +151,11 @@ def test_central_epsilon_accumulates_and_a_round_over_budget_is_refused(tmp_path
 
 
 def test_sigma_is_derived_from_the_budget_and_a_given_sigma_over_budget_is_an_error() -> None:
-    plan = plan_central_dp(clipping_norm=1.0, noise_multiplier=None, epsilon_budget=8.0, delta=DELTA,
-                           sample_rate=1.0, rounds=10)
+    plan = plan_central_dp(clipping_norm=1.0, noise_multiplier=None, epsilon_budget=8.0, delta=DELTA, rounds=10)
 
     assert 7.9 <= plan.planned_epsilon <= 8.0
     with pytest.raises(ConfigError, match="central-epsilon-budget"):
-        plan_central_dp(clipping_norm=1.0, noise_multiplier=0.3, epsilon_budget=8.0, delta=DELTA,
-                        sample_rate=1.0, rounds=10)
+        plan_central_dp(clipping_norm=1.0, noise_multiplier=0.3, epsilon_budget=8.0, delta=DELTA, rounds=10)
 
 
 def _train_message(global_w: list[np.ndarray], norm: float) -> Message:

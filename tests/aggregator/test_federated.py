@@ -16,6 +16,7 @@ from federation.config import RunConfig
 from federation.model import build_model
 from federation.storage import load_checkpoint
 from privacy.ledger import epsilon_of
+from privacy.policy import SitePolicy
 from simulations.federated import run_federated
 from simulations.phantoms import PhantomConfig, generate_phantoms
 
@@ -40,6 +41,11 @@ def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _policy(out: Path) -> SitePolicy:
+    """These sites allow non-private runs (to compare against), with ledgers in the run's folder."""
+    return SitePolicy(dp_required=False, secagg_required=False, ledger_dir=str(out / "ledgers"))
+
+
 def _run(data: Path, out: Path, **kw: Any) -> tuple[dict[str, Any], Observed]:
     import simulations.federated as fed
     from aggregator.server_app import make_server_app
@@ -52,7 +58,7 @@ def _run(data: Path, out: Path, **kw: Any) -> tuple[dict[str, Any], Observed]:
     fed.make_server_app = lambda overrides: make_server_app(  # type: ignore[assignment]
         overrides, observer=lambda r, results: seen.append((r, results)))
     try:
-        result = run_federated(cfg, cpus_per_client=1.0)
+        result = run_federated(cfg, policies=_policy(out), cpus_per_client=1.0)
     finally:
         fed.make_server_app = original
     return result.metrics, seen
@@ -110,7 +116,7 @@ def test_the_run_writes_a_loadable_global_model_and_round_metrics(plain_and_seca
     assert row["epsilon_max"] > 0
     assert set(metrics["final"]["epsilon"]) == {"site-1", "site-2", "site-3"}
     assert (tmp_path / "training.png").stat().st_size > 1000
-    ledger = json.loads((tmp_path / "ledger" / "site-2.json").read_text())
+    ledger = json.loads((tmp_path / "ledgers" / "site-2.json").read_text())
     assert ledger["epsilon"] == pytest.approx(metrics["final"]["epsilon"]["site-2"])
     reported = json.loads((tmp_path / "privacy_ledger.json").read_text())
     assert sorted(r["site"] for r in reported["reports"] if r["round"] == 1) == ["site-1", "site-2", "site-3"]
@@ -131,12 +137,12 @@ def test_a_site_that_hangs_mid_round_does_not_stop_the_round(three_sites: Path, 
     import simulations.federated as fed
 
     original = fed.make_client_app
-    fed.make_client_app = lambda overrides: make_client_app(  # type: ignore[assignment]
-        overrides, before_fit=_hang_first_site)
+    fed.make_client_app = lambda overrides, policies: make_client_app(  # type: ignore[assignment]
+        overrides, policies=policies, before_fit=_hang_first_site)
     try:
         cfg = RunConfig(data_dir=str(three_sites), out_dir=str(tmp_path), image_size=16, num_server_rounds=1,
                         batch_size=4, dp=False, secagg=True, secagg_timeout=25.0)
-        result = run_federated(cfg, cpus_per_client=1.0)
+        result = run_federated(cfg, policies=_policy(tmp_path), cpus_per_client=1.0)
     finally:
         fed.make_client_app = original
 
@@ -179,6 +185,6 @@ def test_central_dp_under_secagg_clips_each_site_and_noises_the_mean(plain_and_s
     row = metrics["rounds"][0]
     eps = epsilon_of([(sigma, 1.0, 1)], 1e-5)
     assert row["central_epsilon"] == pytest.approx(eps)
-    assert row["central_sites"] == 3
+    assert "central_sites" not in row  # participation is not published
     assert metrics["final"]["central_dp"]["epsilon"] == pytest.approx(eps)
     assert json.loads((tmp_path / "central_ledger.json").read_text())["entries"][0]["noise_multiplier"] == sigma

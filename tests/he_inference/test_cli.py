@@ -33,7 +33,7 @@ def test_compile_keygen_encrypt_infer_decrypt_match_the_plaintext_model(checkpoi
 
     steps = [
         ["he", "compile", "--model", str(checkpoint), "--out", str(he),
-         "--calibration", str(tiny_federation / "site-1")],
+         "--private-calibration", str(tiny_federation / "site-1")],
         ["he", "keygen", "--model", str(he), "--out", str(keys)],
         ["he", "encrypt", str(dicom), "--keys", str(keys), "--model", str(he), "--out", str(tmp_path / "x.enc")],
         ["he", "infer", str(tmp_path / "x.enc"), "--model", str(he), "--eval-keys", str(keys / "public.keys"),
@@ -46,6 +46,9 @@ def test_compile_keygen_encrypt_infer_decrypt_match_the_plaintext_model(checkpoi
 
     for r in results:
         assert r.exit_code == 0, r.output
+    assert "model.he will carry the per-layer maximum" in results[0].output  # the private-calibration warning
+    from he_inference.compiler import CompiledModel
+    assert CompiledModel.load(he).meta["calibration"] == "private: 12 images"
     out = json.loads(results[-1].stdout[results[-1].stdout.index("{"):])
     from clients.ingest import Preprocess, read_slice
     from federation.storage import load_checkpoint
@@ -57,6 +60,16 @@ def test_compile_keygen_encrypt_infer_decrypt_match_the_plaintext_model(checkpoi
     assert isinstance(refused.exception, Exception)
     assert "secret key file" in str(refused.exception)
     assert not (tmp_path / "z.enc").exists()
+
+
+def test_a_site_folder_given_as_public_calibration_is_refused(checkpoint: Path, tiny_federation: Path,
+                                                             tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["he", "compile", "--model", str(checkpoint), "--out", str(tmp_path / "m.he"),
+                                      "--calibration", str(tiny_federation / "site-1")])
+
+    assert result.exit_code != 0
+    assert "looks like a hospital's own data" in result.output
+    assert not (tmp_path / "m.he").exists()
 
 
 def test_check_writes_the_report_fields(checkpoint: Path, tiny_federation: Path, tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def test_an_interrupted_sweep_resumes_from_its_finished_points(sweep: SweepConfi
     before = done.stat().st_mtime_ns
     broken = sweep.run / "points" / "eps-1-seed-0"
     (broken / "point.json").unlink()  # as if the process died before the point finished
-    (broken / "ledger" / "stale-marker").write_text("left by the dead run")
+    (broken / "ledgers" / "stale-marker").write_text("left by the dead run")
     calls: list[tuple[str, bool]] = []
 
     def on_point(point: SweepPoint, result: dict[str, Any] | None) -> None:
@@ -121,7 +121,7 @@ def test_an_interrupted_sweep_resumes_from_its_finished_points(sweep: SweepConfi
     budget = run_sweep(sweep, on_point=on_point)
     assert calls == [("eps-inf-seed-0", True), ("eps-1-seed-0", False), ("eps-1-seed-0", True)]
     assert done.stat().st_mtime_ns == before  # the finished point was not run again
-    assert not (broken / "ledger" / "stale-marker").exists()  # the interrupted one started over
+    assert not (broken / "ledgers" / "stale-marker").exists()  # the interrupted one started over
     assert budget["complete"]
     eps = json.loads((broken / "point.json").read_text())["epsilon"]
     assert max(eps.values()) <= 1.0  # a fresh ledger: the rerun did not stack on the dead run's spend
