@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he budget test lint install clean
+.PHONY: demo demo-he budget select test lint install clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -29,7 +29,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Each demo is a new world: new synthetic hospitals, so fresh privacy ledgers (a site's ledger
+# persists across runs on the same data: a second run would find the budget spent).
 demo: $(STAMP)
+	rm -rf $(DEMO)
 	$(VENV)/bin/privrad phantoms --out $(DEMO)/data --sites 5 --per-site 300 --size 64 --seed 0
 	$(VENV)/bin/privrad train --data $(DEMO)/data --model ref --out $(DEMO)/ref
 	$(VENV)/bin/privrad train --data $(DEMO)/data --model approx --out $(DEMO)/approx
@@ -47,6 +50,12 @@ budget: $(STAMP)
 	test -f $(BUDGET)/data/sites.json || $(VENV)/bin/privrad phantoms --out $(BUDGET)/data --sites 5 --per-site 300 --size 64 --seed 0
 	$(VENV)/bin/privrad budget --data $(BUDGET)/data --out $(BUDGET)/sweep
 	$(VENV)/bin/privrad report $(BUDGET)/sweep
+
+# Choices (head, activation bound, learnable activation, learning rates, federated head) on the validation split.
+SELECT ?= runs/select
+select: $(STAMP)
+	test -f $(SELECT)/data/sites.json || $(VENV)/bin/privrad phantoms --out $(SELECT)/data --sites 5 --per-site 300 --size 64 --seed 0
+	$(VENV)/bin/privrad select --data $(SELECT)/data --out $(SELECT)/choices
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

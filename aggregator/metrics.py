@@ -57,10 +57,13 @@ class RunRecorder:
         privacy spend, per round), ``global_model.pt``, ``checkpoints/round-NNN.pt``, ``training.png``.
     initial
         Provenance of the initial global model; its round-0 evaluation is added here.
+    val
+        The validation split (choices are made on it): ``val_auc_macro`` per round.
     """
 
-    def __init__(self, cfg: RunConfig, test: ImageSet, out: Path, *, initial: dict[str, Any] | None = None) -> None:
-        self.cfg, self.test, self.out = cfg, test, Path(out)
+    def __init__(self, cfg: RunConfig, test: ImageSet, out: Path, *, initial: dict[str, Any] | None = None,
+                 val: ImageSet | None = None) -> None:
+        self.cfg, self.test, self.out, self.val = cfg, test, Path(out), val
         self.initial: dict[str, Any] = dict(initial or {})
         self.arch = cfg.arch()
         self.rounds: list[dict[str, Any]] = []
@@ -105,8 +108,14 @@ class RunRecorder:
         labels = self.test.labels.numpy()
         loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
         metrics = classification_metrics(probs, labels, self.test.classes)
+        val: dict[str, float] = {}
+        if self.val is not None:
+            val_probs = predict_proba(model, self.val.images)
+            val = {"val_auc_macro": classification_metrics(val_probs, self.val.labels.numpy(),
+                                                           self.val.classes)["auc_macro"]}
         if server_round == 0:
-            self.initial.update(auc_macro=metrics["auc_macro"], auc_per_class=metrics["auc_per_class"], loss=loss)
+            self.initial.update(auc_macro=metrics["auc_macro"], auc_per_class=metrics["auc_per_class"], loss=loss,
+                                **val)
             log.info("round 0 (initial model, %s): AUC %.3f", self.initial.get("source"), metrics["auc_macro"])
         else:
             aggregated: dict[str, Any] = {"aggregated": True, **self._pending} if self._pending else {
@@ -120,7 +129,7 @@ class RunRecorder:
                             ", ".join(f"{k} ×{v}" for k, v in rules.items()))
             central = dict(self.central.last) if self.central is not None else {}
             row = {"round": server_round, "auc_macro": metrics["auc_macro"], "loss": loss,
-                   "accuracy": metrics["accuracy"], **aggregated, **central,
+                   "accuracy": metrics["accuracy"], **val, **aggregated, **central,
                    "seconds": time.perf_counter() - self._start}
             self.rounds.append(row)
             self.privacy_reports += [{"round": server_round, **r} for r in self._reports]
@@ -157,6 +166,8 @@ class RunRecorder:
                 "secagg": self.cfg.secagg, "dp": self.cfg.dp,
                 "central_dp": self.central.describe() if self.central is not None else None,
                 "rounds_completed": len(self.rounds),
+                **({"val_auc_macro": self.rounds[-1]["val_auc_macro"]} if self.rounds and self.val is not None
+                   else {}),
             }
         return {"initial": self.initial, "rounds": self.rounds, "final": final, "sites": self.sites,
                 "config": self.cfg.to_flower(),
@@ -168,7 +179,8 @@ class RunRecorder:
         atomic_write_json(self.out / "metrics.json", self.summary())
         atomic_write_json(self.out / "privacy_ledger.json", {
             "about": "ε (at δ) each site reported after each round; every site's own ledger, which it "
-                     "checks before it trains, stays at the site (ledger/site-K.json in a simulation)",
+                     "checks before it trains, stays at the site (its policy's ledger-dir; DATA/ledgers/ by "
+                     "default in a simulation)",
             "dp": self.cfg.dp, "epsilon_budget": self.cfg.epsilon_budget,
             "sites": {s: e for s, e in sorted(self.sites.items())}, "reports": self.privacy_reports,
             "central_dp": self.central.describe() if self.central is not None else None})

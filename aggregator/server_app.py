@@ -212,8 +212,12 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: Fit
         log.info("run %s: data %s, writing to %s", context.run_id, cfg.data_dir, cfg.out_dir)
         test = load_dataset(Path(cfg.test_dir or Path(cfg.data_dir) / "test"),
                             preprocess=Preprocess(size=cfg.image_size))
+        val_dir = Path(cfg.val_dir or Path(cfg.data_dir) / "val")
+        val = load_dataset(val_dir, classes=test.classes, preprocess=Preprocess(size=cfg.image_size)) if (
+            cfg.val_dir or val_dir.is_dir()) else None
         init = initial_model(cfg)
-        recorder = RunRecorder(cfg, test, Path(cfg.out_dir), initial={"source": str(init.kind), **init.info})
+        recorder = RunRecorder(cfg, test, Path(cfg.out_dir), initial={"source": str(init.kind), **init.info},
+                               val=val)
         strategy = build_strategy(cfg, recorder, get_weights(init.model))
         if cfg.central_dp:
             strategy = recorder.central = central_dp_strategy(cfg, strategy)

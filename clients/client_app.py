@@ -10,6 +10,7 @@ A thin adapter over :mod:`clients.ingest`, :mod:`clients.train` and :mod:`privac
   training message against it and answers a round that asks for less (DP off, a larger
   budget, a smaller σ, a larger clipping norm, no SecAgg+, more rounds than planned, no
   budget left) with an error reply naming the rule: no weights, no metrics, no ledger entry;
+  evaluation and query messages are refused too (they would release plain statistics);
 * with DP-SGD, σ is derived at the site from its ledger, the round is reserved in the
   ledger before training, and sampling and noise come from the site's CSPRNG;
 * what a fit reply may carry is the allow-list :class:`FitMetric`, checked by the gate on
@@ -52,7 +53,7 @@ from federation.errors import ConfigError, PolicyRefusedError
 from federation.model import PrivradCNN, build_model
 from privacy.dp import plan_round, private_round
 from privacy.ledger import PrivacyLedger
-from privacy.policy import RoundRequest, SitePolicy, resolve_policy, review
+from privacy.policy import RoundRequest, Rule, SitePolicy, resolve_policy, review
 
 __all__ = ["FitMetric", "HospitalClient", "app", "get_weights", "make_client_app", "round_request", "set_weights",
            "site_data_path"]
@@ -245,7 +246,12 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
     """
 
     def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type != MessageType.TRAIN:
+        kind = msg.metadata.message_type
+        if kind in (MessageType.EVALUATE, MessageType.QUERY):
+            return _refusal(msg, PolicyRefusedError(Rule.TRAIN_ONLY, f"this site answers training messages only, "
+                                                                     f"not {kind!r}: a local evaluation would "
+                                                                     "release plain statistics of its records"))
+        if kind != MessageType.TRAIN:
             return call_next(msg, ctxt)
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         secagg = configs is not None

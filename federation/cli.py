@@ -32,7 +32,8 @@ def phantoms(
     out: Annotated[Path, typer.Option(help="Destination folder (site-K/ and test/ are written here).")],
     sites: Annotated[int, typer.Option(help="Number of simulated hospitals.")] = 5,
     per_site: Annotated[int, typer.Option(help="Training slices per site.")] = 300,
-    test: Annotated[int, typer.Option(help="Held-out test slices (balanced, all scanners).")] = 300,
+    test: Annotated[int, typer.Option(help="Held-out test slices (balanced, all scanners; for reporting).")] = 300,
+    val: Annotated[int, typer.Option(help="Validation slices in val/ (drawn like test/; for every choice).")] = 300,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes identical files.")] = 0,
     difficulty: Annotated[float, typer.Option(help="1 = default task; higher is harder.")] = 1.0,
@@ -43,9 +44,9 @@ def phantoms(
     from simulations.phantoms import PhantomConfig, generate_phantoms, public_profile
 
     cfg = PhantomConfig(sites=sites, per_site=per_site, test=test, size=size, seed=seed,
-                        difficulty=difficulty, public=public)
+                        difficulty=difficulty, public=public, val=val)
     with progress_bar("info") as bar:
-        task = bar.add_task("phantoms", total=sites * per_site + test + public, info="")
+        task = bar.add_task("phantoms", total=sites * per_site + test + val + public, info="")
         profiles = generate_phantoms(out, config=cfg, progress=lambda n: bar.advance(task, n))
     table = Table("site", "normal/cyst/tumour mix", "noise HU", "offset HU", "blur px")
     for p in profiles:
@@ -56,7 +57,8 @@ def phantoms(
         table.add_row("public", " / ".join(f"{m:.2f}" for m in p.class_mix), f"{p.noise_hu:.1f}",
                       f"{p.offset_hu:+.1f}", f"{p.blur_px:.2f}")
     out_console.print(table)
-    out_console.print(f"wrote {sites * per_site} training + {test} test + {public} public slices to {out}")
+    out_console.print(f"wrote {sites * per_site} training + {val} validation + {test} test + {public} public slices "
+                      f"to {out}")
 
 
 @app.command()
@@ -86,8 +88,9 @@ def train(
         def on_epoch(s: EpochStats) -> None:
             bar.update(task, advance=1, info=f"loss {s.loss:.3f}")
 
+        val = data / "val" if (data / "val").is_dir() else None
         result = train_centralised(data, test=test or data / "test", out=out, arch=arch, train=cfg,
-                                   on_error="skip" if skip_bad else "raise", on_epoch=on_epoch)
+                                   on_error="skip" if skip_bad else "raise", on_epoch=on_epoch, val=val)
     _print_metrics(result.metrics, title=f"{model} on {test or data / 'test'}")
     if result.skipped:
         console.print(f"[yellow]{result.skipped} files skipped (see log above)")
@@ -186,6 +189,34 @@ def simulate(
                               f"(σ {c['noise_multiplier']:.3f}, C {c['clipping_norm']:g})")
     out_console.print(f"wall time {result.seconds:.0f} s, peak RSS {result.peak_rss_mb:.0f} MB; "
                       f"model {out / 'global_model.pt'}")
+
+
+@app.command()
+def select(
+    data: Annotated[Path, typer.Option(help="Data folder with site-K/, val/ and test/.")],
+    out: Annotated[Path, typer.Option(help="Folder for one run per candidate and selection.json/.md.")],
+    epochs: Annotated[int, typer.Option(help="Centralised epochs per candidate.")] = 30,
+    size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
+    federated: Annotated[bool, typer.Option(help="Also choose the federated head (two DP + SecAgg+ runs).")] = True,
+    rounds: Annotated[int, typer.Option(help="Rounds of each federated run.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
+) -> None:
+    """Re-make the model's choices on the validation split (the test set is only reported)."""
+    from simulations.selection import candidates, run_selection
+
+    total = len(candidates(size)) + (2 if federated else 0)
+    with progress_bar("info") as bar:
+        task = bar.add_task("candidates", total=total, info="")
+        summary = run_selection(data, out, epochs=epochs, seed=seed, federated=federated, rounds=rounds, size=size,
+                                on_candidate=lambda name, auc: bar.update(task, advance=1,
+                                                                          info=f"{name}: val {auc:.3f}"))
+    table = Table("choice", "candidate", "default", "val macro-AUC", "chosen", "test (chosen)",
+                  title="choices on the validation split")
+    for r in summary["rows"]:
+        table.add_row(r["choice"], r["value"], "yes" if r["default"] else "", f"{r['val_auc_macro']:.3f}",
+                      "yes" if r["chosen"] else "", f"{r['test_auc_macro']:.3f}" if r["chosen"] else "")
+    out_console.print(table)
+    out_console.print(f"{out / 'selection.md'}; every default chosen: {summary['defaults_confirmed']}")
 
 
 policy_app = typer.Typer(help="A hospital's privacy policy: what its site allows, whatever the coordinator asks.",

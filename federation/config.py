@@ -61,6 +61,7 @@ class RunConfig:
     head: str = "flatten"
     data_dir: str = ""
     test_dir: str = ""
+    val_dir: str = ""
     out_dir: str = ""
     seed: int = 0
     # initial global model

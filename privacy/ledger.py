@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from federation.errors import ConfigError, PrivacyBudgetError
@@ -214,14 +214,23 @@ class PrivacyLedger:
     def _locked(self) -> Iterator[None]:
         """Hold the lock and work on the file's current content; write it back on success."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
+        with self._held():
             self.entries = self._load()
             yield
             atomic_write_json(self.path, self.to_dict())
 
+    @contextmanager
+    def _held(self) -> Iterator[None]:
+        try:
+            with self._lock:
+                yield
+        except Timeout:
+            raise PrivacyBudgetError(f"{self.path}: the ledger stayed locked by another process for "
+                                     f"{LOCK_TIMEOUT_S:.0f} s; refusing to train without it") from None
+
     def reload(self) -> None:
         """Read the file again (another process may have written it)."""
-        with self._lock:
+        with self._held():
             self.entries = self._load()
 
     # -- queries --------------------------------------------------------------------------------

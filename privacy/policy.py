@@ -60,6 +60,8 @@ class Rule(enum.StrEnum):
     """The run's remaining rounds do not fit in what is left of the site's ε budget."""
     PLANNED_ROUNDS = "planned-rounds"
     """The coordinator asks for more rounds than the run planned (and the site's σ was sized for)."""
+    TRAIN_ONLY = "train-only"
+    """A site answers training messages only: a local evaluation or query would release plain statistics."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from simulations.phantoms import PhantomConfig, generate_phantoms
 
 __all__ = ["BUILTIN", "builtin_federation", "cache_root"]
 
-BUILTIN = PhantomConfig(sites=5, per_site=300, test=300, size=64, seed=0, public=1500)
+BUILTIN = PhantomConfig(sites=5, per_site=300, test=300, size=64, seed=0, public=1500, val=300)
 
 
 def cache_root() -> Path:
@@ -27,7 +27,8 @@ def cache_root() -> Path:
 def builtin_federation(config: PhantomConfig = BUILTIN) -> Path:
     """The folder of the built-in federation for ``config``, generated if missing."""
     c = config
-    target = cache_root() / f"phantoms-{c.sites}x{c.per_site}-{c.size}px-seed{c.seed}-d{c.difficulty:g}-pub{c.public}"
+    name = f"phantoms-{c.sites}x{c.per_site}-{c.size}px-seed{c.seed}-d{c.difficulty:g}-pub{c.public}"
+    target = cache_root() / (name + (f"-val{c.val}" if c.val else ""))
     if (target / "sites.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

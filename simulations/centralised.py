@@ -59,8 +59,13 @@ def train_centralised(
     train: TrainConfig,
     on_error: ErrorPolicy | str = ErrorPolicy.RAISE,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    val: Path | None = None,
 ) -> CentralisedResult:
-    """Train on all of ``data``, evaluate on ``test``, write ``out/model.pt`` and ``out/metrics.json``."""
+    """Train on all of ``data``, evaluate on ``test`` (and ``val``), write ``out/model.pt`` and ``out/metrics.json``.
+
+    ``val`` (the validation split, for choices) adds ``val_auc_macro`` to the metrics;
+    ``test`` is for reporting.
+    """
     pre = Preprocess(size=arch.input_size)
     start = time.perf_counter()
     train_set = load_training_data(data, preprocess=pre, on_error=on_error)
@@ -70,6 +75,9 @@ def train_centralised(
     model = build_model(arch, seed=train.seed)
     history = train_epochs(model, train_set, config=train, on_epoch=on_epoch)
     metrics = evaluate(model, test_set)
+    if val is not None:
+        metrics["val_auc_macro"] = evaluate(model, load_dataset(val, classes=train_set.classes, preprocess=pre,
+                                                                on_error=on_error))["auc_macro"]
     meta = {
         "classes": list(train_set.classes),
         "preprocess": dataclasses.asdict(pre),

@@ -73,7 +73,10 @@ class PhantomConfig:
     per_site
         Training slices written per site.
     test
-        Slices in the held-out ``test/`` set (balanced classes, all scanners).
+        Slices in the held-out ``test/`` set (balanced classes, all scanners): for reporting only.
+    val
+        Slices in the ``val/`` set, drawn like ``test/`` on a stream of its own: every choice
+        (architecture, learning rate, ...) is made on it, never on ``test/``; 0 writes none.
     size
         Output matrix size in pixels (square).
     seed
@@ -96,6 +99,7 @@ class PhantomConfig:
     seed: int = 0
     difficulty: float = 1.0
     public: int = 0
+    val: int = 0
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -106,6 +110,8 @@ class PhantomConfig:
             raise ConfigError(f"`test` must not be negative, got {self.test}")
         if self.public < 0:
             raise ConfigError(f"`public` must not be negative, got {self.public}")
+        if self.val < 0:
+            raise ConfigError(f"`val` must not be negative, got {self.val}")
         if not 16 <= self.size <= 1024:
             raise ConfigError(f"`size` must be between 16 and 1024 pixels, got {self.size}")
         if not 0.0 < self.difficulty <= 4.0:
@@ -398,7 +404,7 @@ def _constant(profile: SiteProfile) -> Callable[[int], SiteProfile]:
 def generate_phantoms(
     out: Path, *, config: PhantomConfig, progress: Callable[[int], None] | None = None
 ) -> list[SiteProfile]:
-    """Write ``out/site-K/`` (K = 1..sites), ``out/test/`` and ``out/public/``, each with ``labels.csv``.
+    """Write ``out/site-K/`` (K = 1..sites), ``out/test/``, ``out/val/`` and ``out/public/``, each with ``labels.csv``.
 
     Parameters
     ----------
@@ -425,6 +431,11 @@ def generate_phantoms(
         labels = _draw_labels(config.test, (1 / 3, 1 / 3, 1 / 3), rng)
         scanners = rng.integers(0, len(profiles), size=config.test)
         _write_set(out / "test", labels, lambda i: profiles[int(scanners[i])], config, 99, progress)
+    if config.val > 0:
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, 4]))
+        labels = _draw_labels(config.val, (1 / 3, 1 / 3, 1 / 3), rng)
+        scanners = rng.integers(0, len(profiles), size=config.val)
+        _write_set(out / "val", labels, lambda i: profiles[int(scanners[i])], config, 97, progress)
     public = public_profile(config)
     if config.public > 0:
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 3]))

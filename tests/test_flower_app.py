@@ -69,3 +69,27 @@ def test_a_site_whose_policy_requires_dp_refuses_a_plain_round(tiny_federation: 
 
     with pytest.raises(PolicyRefusedError, match=r"\[dp-required\]"):
         client.fit(get_weights(build_model(cfg.arch(), seed=0)), {"server-round": 1})
+
+
+def test_a_site_answers_no_evaluation_or_query_message(tiny_federation: Path) -> None:
+    import time
+
+    from flwr.common import Message, MessageType, Metadata
+
+    from aggregator.metrics import refusal_rule
+    from clients.client_app import policy_gate
+
+    gate = policy_gate(SitePolicy(), {"data-dir": str(tiny_federation)})
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config={"data-dir": str(tiny_federation)})
+    for kind in (MessageType.EVALUATE, MessageType.QUERY):
+        meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type=kind)
+
+        def never(msg: Message, ctxt: Context) -> Message:
+            raise AssertionError("the site must not run its client for this message")
+
+        reply = gate(Message(RecordDict(), metadata=meta), ctx, never)
+
+        assert reply.has_error()
+        assert refusal_rule(reply) == "train-only"

@@ -1,0 +1,36 @@
+"""Choices on the validation split: each choice picks its best candidate by validation AUC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from federation.errors import DataError
+from simulations.phantoms import PhantomConfig, generate_phantoms
+from simulations.selection import candidates, run_selection
+
+
+def test_each_choice_picks_the_candidate_best_on_the_validation_split(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate_phantoms(data, config=PhantomConfig(sites=2, per_site=12, test=9, val=9, size=16, seed=3))
+
+    summary = run_selection(data, tmp_path / "sel", epochs=1, federated=False, size=16)
+
+    rows = summary["rows"]
+    assert len(rows) == len(candidates(16))
+    for choice in {r["choice"] for r in rows}:
+        group = [r for r in rows if r["choice"] == choice]
+        chosen = [r for r in group if r["chosen"]]
+        assert len(chosen) == 1
+        assert chosen[0]["val_auc_macro"] == max(r["val_auc_macro"] for r in group)
+        assert sum(r["default"] for r in group) == 1
+    saved = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert saved["rows"] == rows
+    assert "| choice | candidate |" in (tmp_path / "sel" / "selection.md").read_text()
+
+
+def test_without_a_validation_split_there_is_nothing_to_choose_on(tiny_federation: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="choices are made on the validation split"):
+        run_selection(tiny_federation, tmp_path, epochs=1, federated=False)
