@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from federation.cli import app
 
-VERBS = ("phantoms", "train", "evaluate", "scan", "simulate", "local", "budget", "invert", "report", "leakage")
+VERBS = ("phantoms", "train", "evaluate", "scan", "simulate", "local", "budget", "invert", "report", "leakage",
+         "select", "policy")
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +72,31 @@ def test_a_missing_data_folder_is_a_clean_error(tmp_path: Path) -> None:
     assert "nowhere" in proc.stderr
     assert "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_policy_init_writes_a_policy_that_show_reads_and_refuses_to_overwrite(runner: CliRunner,
+                                                                               tmp_path: Path) -> None:
+    from privacy.policy import SitePolicy
+
+    path = tmp_path / "site.toml"
+    first = runner.invoke(app, ["policy", "init", "--out", str(path), "--epsilon-budget", "4", "--allow-no-dp"])
+    again = runner.invoke(app, ["policy", "init", "--out", str(path)])
+    shown = runner.invoke(app, ["policy", "show", str(path)])
+
+    assert first.exit_code == 0, first.output
+    assert SitePolicy.load(path) == SitePolicy(epsilon_budget=4.0, dp_required=False)
+    assert again.exit_code != 0
+    assert shown.exit_code == 0
+    assert "dp-required" in shown.output
+
+
+def test_simulate_without_dp_needs_sites_whose_policy_allows_it(runner: CliRunner, tiny_federation: Path,
+                                                                tmp_path: Path) -> None:
+    from federation.errors import ConfigError
+
+    result = runner.invoke(app, ["simulate", "--data", str(tiny_federation), "--out", str(tmp_path / "run"),
+                                 "--no-dp", "--size", "32"])
+
+    assert isinstance(result.exception, ConfigError)
+    assert "dp-required = true" in str(result.exception)
+    assert not (tmp_path / "run" / "metrics.json").exists()
