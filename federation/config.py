@@ -16,7 +16,46 @@ from typing import Any
 from federation.errors import ConfigError
 from federation.model import ArchConfig, HeadKind
 
-__all__ = ["RunConfig", "StrategyKind"]
+__all__ = ["RunConfig", "StrategyKind", "parse_flat"]
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of the field's ``default``; booleans strictly (a typo is an error, not false)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+    if isinstance(default, enum.Enum):
+        return str(value)
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"`{key}` must be {type(default).__name__}, got {value!r}") from None
+
+
+def parse_flat(cls: type[Any], values: Mapping[str, Any], *, what: str) -> dict[str, Any]:
+    """Flat ``-`` separated keys (Flower's run and node configs, TOML files) → ``cls``'s field values.
+
+    Each value is coerced to its field's type; an unknown key is an error listing the known ones.
+
+    Raises
+    ------
+    ConfigError
+        A key ``cls`` does not have, or a value of the wrong type (the message names the key).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"unknown {what} key `{key}`; known: {sorted(k.replace('_', '-') for k in fields)}")
+        out[name] = _coerce(key, value, fields[name].default)
+    return out
 
 
 class StrategyKind(enum.StrEnum):
@@ -124,21 +163,7 @@ class RunConfig:
     def from_flower(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
         """Build from Flower's flat run config (``-`` separated keys); unknown keys are an error."""
         merged = {**dict(run_config), **dict(overrides or {})}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in merged.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                raise ConfigError(f"unknown run-config key `{key}`; known: "
-                                  f"{sorted(k.replace('_', '-') for k in fields)}")
-            default = fields[name].default
-            if isinstance(default, bool):
-                values[name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-            elif isinstance(default, enum.Enum):
-                values[name] = str(value)
-            else:
-                values[name] = type(default)(value)
-        return cls(**values)
+        return cls(**parse_flat(cls, merged, what="run-config"))
 
     def arch(self) -> ArchConfig:
         """The Approx-CNN architecture every party builds."""

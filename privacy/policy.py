@@ -38,6 +38,7 @@ from typing import Any
 
 import tomli_w
 
+from federation.config import parse_flat
 from federation.errors import ConfigError, PolicyRefusedError
 from federation.storage import atomic_write_bytes
 
@@ -130,14 +131,10 @@ class SitePolicy:
 
         ``relative_to`` anchors a relative ``ledger-dir``. Unknown keys are an error naming ``source``.
         """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        out: dict[str, Any] = {}
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                raise ConfigError(f"{source}: unknown site-policy key `{key}`; known: "
-                                  f"{sorted(_key(k) for k in fields)}")
-            out[name] = _coerce(name, value, fields[name].default, source)
+        try:
+            out = parse_flat(cls, values, what="site-policy")
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         if relative_to is not None and out.get("ledger_dir") and not Path(out["ledger_dir"]).is_absolute():
             out["ledger_dir"] = str((relative_to / out["ledger_dir"]).resolve())
         try:
@@ -179,25 +176,6 @@ class SitePolicy:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
-
-
-def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
-    """Values from node config arrive as strings or numbers; from TOML typed. Coerce to the field's type."""
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes"):
-            return True
-        if text in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"{source}: `{_key(name)}` must be true or false, got {value!r}")
-    if isinstance(default, float):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: `{_key(name)}` must be a number, got {value!r}") from None
-    return str(value)
 
 
 def resolve_policy(node_config: Mapping[str, Any], given: SitePolicy | None = None) -> SitePolicy:
