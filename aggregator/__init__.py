@@ -1,1 +1,1 @@
-"""Federated training with Flower: the ServerApp (FedAvg, later inside SecAgg+)."""
+"""The coordinator: Flower ServerApp (FedAvg, FedProx or FedAdam inside SecAgg+), central DP, run records."""

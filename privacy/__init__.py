@@ -1,1 +1,1 @@
-"""DP-SGD, privacy ledger, audits and protected storage (to come)."""
+"""Privacy at the hospital: the site policy, DP-SGD rounds, the ledger, audits and protected storage."""
