@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from clients.client_app import set_weights
 from clients.ingest import ImageSet, Preprocess
 from clients.train import predict_proba
 from federation.config import RunConfig
+from federation.errors import PolicyRefusedError
 from federation.metrics import classification_metrics
 from federation.model import build_model
 from federation.storage import atomic_write_json, save_checkpoint
@@ -32,15 +33,9 @@ __all__ = ["RunRecorder", "refusal_rule"]
 
 log = logging.getLogger(__name__)
 
-_RULE = re.compile(r"refused by site policy \[([a-z-]+)\]")
-
-
 def refusal_rule(reply: Message) -> str | None:
     """The policy rule a site named when it refused a round (``None``: not a policy refusal)."""
-    if not reply.has_error():
-        return None
-    match = _RULE.search(reply.error.reason or "")
-    return match.group(1) if match else None
+    return PolicyRefusedError.rule_in(reply.error.reason or "") if reply.has_error() else None
 
 
 class RunRecorder:
@@ -123,7 +118,7 @@ class RunRecorder:
             refusals = self._refusals.pop(str(server_round), {})
             aggregated["sites_refused"] = len(refusals)
             if refusals:
-                rules = {rule: list(refusals.values()).count(rule) for rule in sorted(set(refusals.values()))}
+                rules = dict(sorted(Counter(refusals.values()).items()))
                 aggregated["refusals"] = rules
                 log.warning("round %d: %d sites refused (%s)", server_round, len(refusals),
                             ", ".join(f"{k} ×{v}" for k, v in rules.items()))

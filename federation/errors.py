@@ -20,6 +20,7 @@ caller can catch the whole family at once and a CLI can print a clean message::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -80,9 +81,17 @@ class PolicyRefusedError(PrivradError):
         What was asked and what the policy allows.
     """
 
+    _FORMAT = re.compile(r"refused by site policy \[([a-z-]+)\]: ")
+
     def __init__(self, rule: str, problem: str) -> None:
         self.rule, self.problem = str(rule), problem
         super().__init__(f"refused by site policy [{self.rule}]: {problem}")
+
+    @classmethod
+    def rule_in(cls, text: str) -> str | None:
+        """The rule a refusal's message (e.g. an error reply's reason) names; ``None`` if it is no refusal."""
+        match = cls._FORMAT.search(text)
+        return match.group(1) if match else None
 
 
 class HEError(PrivradError):
