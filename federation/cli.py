@@ -202,11 +202,10 @@ def select(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
 ) -> None:
     """Re-make the model's choices on the validation split (the test set is only reported)."""
-    from simulations.selection import candidates, run_selection
+    from simulations.selection import run_selection
 
-    total = len(candidates(size)) + (2 if federated else 0)
     with progress_bar("info") as bar:
-        task = bar.add_task("candidates", total=total, info="")
+        task = bar.add_task("candidates", total=None, info="")
         summary = run_selection(data, out, epochs=epochs, seed=seed, federated=federated, rounds=rounds, size=size,
                                 on_candidate=lambda name, auc: bar.update(task, advance=1,
                                                                           info=f"{name}: val {auc:.3f}"))

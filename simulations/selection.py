@@ -2,11 +2,15 @@
 
 Every default of the Approx-CNN and its training that the code or README justifies by a
 measurement is re-measured here on ``DATA/val`` (drawn like ``DATA/test`` on a stream of
-its own), one factor at a time around the default; the test set is only reported, for
-the chosen candidate of each choice. ``selection.json`` and ``selection.md`` hold the table.
+its own). The choices are made in order, each around the ones already made (coordinate
+search): the head first, then the activation bound, the learnable activation and the
+learning rate; the Ref-CNN's learning rate on its own. A setting met twice is trained
+once. The test set is only reported, for the chosen candidate of each choice.
+``selection.json`` and ``selection.md`` hold the table.
 
-The federated head is chosen on the validation split too: the federated run wants a head
-that leaves its start quickly, which centralised training at 30 epochs does not show.
+The federated head is chosen on the validation split too (federated DP-SGD + SecAgg+
+runs): the federated run wants a head that leaves its start quickly, which centralised
+training at 30 epochs does not show.
 """
 
 from __future__ import annotations
@@ -26,44 +30,39 @@ from federation.storage import atomic_write_bytes, atomic_write_json
 from privacy.policy import SitePolicy
 from simulations.centralised import train_centralised
 
-__all__ = ["Candidate", "candidates", "run_selection"]
+__all__ = ["CHOICES", "Setting", "run_selection"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One setting tried for one choice (all else at the default)."""
+class Setting:
+    """One centralised training setting: an architecture and a learning rate."""
 
-    choice: str
-    value: str
     arch: ArchConfig
     lr: float
-    default: bool
 
     @property
     def name(self) -> str:
-        """Folder name."""
-        return f"{self.choice}-{self.value}"
+        """Folder name, unique per setting."""
+        a = self.arch
+        return (f"{a.kind}-{a.head}-b{a.act_bound:g}-{'learn' if a.learnable_act else 'fixed'}-lr{self.lr:g}")
 
 
-def candidates(size: int = 64) -> list[Candidate]:
-    """The centralised candidates: each choice's default (``privrad train``'s) and its alternatives."""
-    approx = ArchConfig(kind=ModelKind.APPROX, input_size=size)
-    ref = ArchConfig(kind=ModelKind.REF, input_size=size)
-    a_lr, r_lr = default_lr(ModelKind.APPROX), default_lr(ModelKind.REF)
-    other_head = HeadKind.FLATTEN if approx.head is HeadKind.GAP else HeadKind.GAP
-    return [
-        Candidate("approx-head", str(approx.head), approx, a_lr, True),
-        Candidate("approx-head", str(other_head), dataclasses.replace(approx, head=other_head), a_lr, False),
-        *[Candidate("act-bound", f"{b:g}", dataclasses.replace(approx, act_bound=b), a_lr, b == approx.act_bound)
-          for b in (0.5, 2.0, 4.0)],
-        Candidate("learnable-act", str(approx.learnable_act).lower(), approx, a_lr, True),
-        Candidate("learnable-act", str(not approx.learnable_act).lower(),
-                  dataclasses.replace(approx, learnable_act=not approx.learnable_act), a_lr, False),
-        *[Candidate("approx-lr", f"{lr:g}", approx, lr, lr == a_lr) for lr in (1e-3, 3e-3)],
-        *[Candidate("ref-lr", f"{lr:g}", ref, lr, lr == r_lr) for lr in (1e-3, 3e-3)],
-    ]
+Vary = Callable[[Setting, str], Setting]
+
+CHOICES: tuple[tuple[str, tuple[str, ...], Vary], ...] = (
+    ("approx-head", ("gap", "flatten"),
+     lambda s, v: dataclasses.replace(s, arch=dataclasses.replace(s.arch, head=HeadKind(v)))),
+    ("act-bound", ("0.5", "2", "4"),
+     lambda s, v: dataclasses.replace(s, arch=dataclasses.replace(s.arch, act_bound=float(v)))),
+    ("learnable-act", ("true", "false"),
+     lambda s, v: dataclasses.replace(s, arch=dataclasses.replace(s.arch, learnable_act=v == "true"))),
+    ("approx-lr", ("0.001", "0.003"), lambda s, v: dataclasses.replace(s, lr=float(v))),
+)
+"""The Approx-CNN's choices, in the order they are made: name, candidates, how a candidate changes a setting."""
+
+REF_LRS = ("0.001", "0.003")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -76,10 +75,17 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _value(setting: Setting, choice: str) -> str:
+    a = setting.arch
+    return {"approx-head": str(a.head), "act-bound": f"{a.act_bound:g}",
+            "learnable-act": str(a.learnable_act).lower(), "approx-lr": f"{setting.lr:g}",
+            "ref-lr": f"{setting.lr:g}"}[choice]
+
+
 def run_selection(data: Path, out: Path, *, epochs: int = 30, seed: int = 0, federated: bool = True,
                   rounds: int = 10, size: int = 64,
                   on_candidate: Callable[[str, float], None] | None = None) -> dict[str, Any]:
-    """Train every candidate, choose per choice by validation macro-AUC; write ``selection.json`` / ``.md``.
+    """Make every choice on the validation macro-AUC; write ``selection.json`` / ``.md``; return them.
 
     Raises
     ------
@@ -89,39 +95,63 @@ def run_selection(data: Path, out: Path, *, epochs: int = 30, seed: int = 0, fed
     data, out = Path(data), Path(out)
     if not (data / "val").is_dir():
         raise DataError(data / "val", "is missing: choices are made on the validation split (privrad phantoms --val)")
-    rows: list[dict[str, Any]] = []
-    for cand in candidates(size):
-        train = TrainConfig(epochs=epochs, lr=cand.lr, seed=seed)
-        result = train_centralised(data, test=data / "test", val=data / "val", out=out / cand.name, arch=cand.arch,
-                                   train=train)
-        rows.append({"choice": cand.choice, "value": cand.value, "default": cand.default,
-                     "val_auc_macro": result.metrics["val_auc_macro"], "test_auc_macro": result.metrics["auc_macro"],
-                     "mode": "centralised", "epochs": epochs})
-        if on_candidate is not None:
-            on_candidate(cand.name, result.metrics["val_auc_macro"])
-    if federated:
-        from simulations.federated import run_federated
+    trained: dict[Setting, dict[str, float]] = {}
 
-        for head in (HeadKind.FLATTEN, HeadKind.GAP):
-            cfg = RunConfig(data_dir=str(data), out_dir=str(out / f"federated-head-{head}"), head=str(head),
-                            num_server_rounds=rounds, local_epochs=2, seed=seed, image_size=size)
-            policy = SitePolicy(ledger_dir=str(out / f"federated-head-{head}" / "ledgers"))
-            res = run_federated(cfg, policies=policy)
-            final = res.metrics["final"]
-            rows.append({"choice": "federated-head", "value": str(head), "default": head is HeadKind.FLATTEN,
-                         "val_auc_macro": final["val_auc_macro"], "test_auc_macro": final["auc_macro"],
-                         "mode": f"federated DP-SGD + SecAgg+, {rounds} rounds", "epochs": rounds * 2})
+    def score(setting: Setting) -> dict[str, float]:
+        if setting not in trained:
+            result = train_centralised(data, test=data / "test", val=data / "val", out=out / setting.name,
+                                       arch=setting.arch, train=TrainConfig(epochs=epochs, lr=setting.lr, seed=seed))
+            trained[setting] = {"val": result.metrics["val_auc_macro"], "test": result.metrics["auc_macro"]}
             if on_candidate is not None:
-                on_candidate(f"federated-head-{head}", final["val_auc_macro"])
-    for choice in dict.fromkeys(r["choice"] for r in rows):
-        group = [r for r in rows if r["choice"] == choice]
-        best = max(group, key=lambda r: r["val_auc_macro"])
-        for r in group:
-            r["chosen"] = r is best
-    summary = {"about": "one factor at a time around the default; chosen by validation macro-AUC (DATA/val); "
-                        "the test macro-AUC is reported for the chosen candidate only",
-               "data": str(data), "seed": seed, "rows": rows,
+                on_candidate(setting.name, trained[setting]["val"])
+        return trained[setting]
+
+    rows: list[dict[str, Any]] = []
+
+    def choose(choice: str, options: list[Setting], default: Setting) -> Setting:
+        scores = [score(s) for s in options]
+        best = max(range(len(options)), key=lambda i: scores[i]["val"])
+        rows.extend({"choice": choice, "value": _value(s, choice), "default": _value(s, choice) ==
+                     _value(default, choice), "val_auc_macro": sc["val"], "test_auc_macro": sc["test"],
+                     "chosen": i == best, "mode": "centralised", "epochs": epochs}
+                    for i, (s, sc) in enumerate(zip(options, scores, strict=True)))
+        return options[best]
+
+    default_approx = Setting(ArchConfig(kind=ModelKind.APPROX, input_size=size), default_lr(ModelKind.APPROX))
+    current = default_approx
+    for choice, values, vary in CHOICES:
+        current = choose(choice, [vary(current, v) for v in values], default_approx)
+    default_ref = Setting(ArchConfig(kind=ModelKind.REF, input_size=size, head=current.arch.head),
+                          default_lr(ModelKind.REF))
+    choose("ref-lr", [dataclasses.replace(default_ref, lr=float(v)) for v in REF_LRS], default_ref)
+    if federated:
+        rows += _federated_head(data, out, rounds=rounds, seed=seed, size=size, on_candidate=on_candidate)
+    summary = {"about": "choices made in order on the validation macro-AUC (DATA/val), each around those already "
+                        "made; the test macro-AUC is reported for the chosen candidates only",
+               "data": str(data), "seed": seed, "epochs": epochs, "rows": rows,
+               "chosen": {r["choice"]: r["value"] for r in rows if r["chosen"]},
                "defaults_confirmed": all(r["default"] for r in rows if r["chosen"])}
     atomic_write_json(out / "selection.json", summary)
     atomic_write_bytes(out / "selection.md", _table(rows).encode())
     return summary
+
+
+def _federated_head(data: Path, out: Path, *, rounds: int, seed: int, size: int,
+                    on_candidate: Callable[[str, float], None] | None) -> list[dict[str, Any]]:
+    from simulations.federated import run_federated
+
+    rows = []
+    for head in (HeadKind.FLATTEN, HeadKind.GAP):
+        folder = out / f"federated-head-{head}"
+        cfg = RunConfig(data_dir=str(data), out_dir=str(folder), head=str(head), num_server_rounds=rounds,
+                        local_epochs=2, seed=seed, image_size=size)
+        final = run_federated(cfg, policies=SitePolicy(ledger_dir=str(folder / "ledgers"))).metrics["final"]
+        rows.append({"choice": "federated-head", "value": str(head), "default": head == RunConfig().head,
+                     "val_auc_macro": final["val_auc_macro"], "test_auc_macro": final["auc_macro"],
+                     "mode": f"federated DP-SGD + SecAgg+, {rounds} rounds", "epochs": rounds * 2})
+        if on_candidate is not None:
+            on_candidate(folder.name, final["val_auc_macro"])
+    best = max(rows, key=lambda r: r["val_auc_macro"])
+    for r in rows:
+        r["chosen"] = r is best
+    return rows
