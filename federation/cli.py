@@ -70,9 +70,10 @@ def train(
     test: Annotated[Path | None, typer.Option(help="Held-out set (default DATA/test).")] = None,
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 1e-3 ref, 3e-3 approx].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 3e-3, chosen on val/].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
-    head: Annotated[str, typer.Option(help="Head: gap (global average pool) or flatten.")] = "gap",
+    head: Annotated[str, typer.Option(help="Head: flatten (chosen on val/) or gap (global average pool).")
+                    ] = "flatten",
     stem: Annotated[int, typer.Option(help="Patchify stem factor (4 for 256×256 slices; 1 = none).")] = 1,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
 ) -> None:

@@ -86,8 +86,9 @@ class RunConfig:
     update to ``central_clipping_norm``, the server adds Gaussian noise of multiplier
     ``central_noise_multiplier`` (0: derived so the planned rounds spend
     ``central_epsilon_budget`` at ``central_delta``) and refuses rounds beyond the budget.
-    ``head`` defaults to ``flatten``: measured on the phantom task, the GAP head sits on
-    a long plateau that federated rounds do not leave.
+    ``head`` defaults to ``flatten``, chosen on the validation split (federated DP-SGD +
+    SecAgg+, 10 rounds: val macro-AUC 0.980 flatten vs 0.776 gap, whose plateau federated
+    rounds do not leave).
     """
 
     num_server_rounds: int = 10
