@@ -53,7 +53,15 @@ from federation.errors import ConfigError, PolicyRefusedError
 from federation.model import PrivradCNN, build_model
 from privacy.dp import plan_round, private_round
 from privacy.ledger import PrivacyLedger
-from privacy.policy import RoundRequest, Rule, SitePolicy, resolve_policy, review
+from privacy.policy import (
+    RoundRequest,
+    Rule,
+    SitePolicy,
+    check_secagg_setup,
+    check_secagg_unmask,
+    resolve_policy,
+    review,
+)
 
 __all__ = ["FitMetric", "HospitalClient", "app", "get_weights", "make_client_app", "round_request", "set_weights",
            "site_data_path"]
@@ -236,12 +244,24 @@ def check_release(reply: Message, *, dp: bool) -> Message:
     return reply
 
 
+def _int_list(record: ConfigRecord, key: str, *, scalar: bool = False) -> list[int]:
+    """A list of integers (``scalar``: exactly one) from a SecAgg+ config record, or a refusal naming the field."""
+    value = record.get(key)
+    values = [value] if scalar else value
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise PolicyRefusedError(Rule.SECAGG_PROTOCOL, f"SecAgg+ field `{key}` is {value!r}, not "
+                                                       f"{'an integer' if scalar else 'a list of integers'}")
+    return [int(v) for v in values if isinstance(v, int)]
+
+
 def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
                 ) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """The outermost mod: review every training message against the site's policy; check what leaves.
 
     Plain training messages and the SecAgg+ setup stage are reviewed in full (policy rules,
     then the ledger); a refusal at setup keeps the site out of that round's SecAgg+ group.
+    SecAgg+ parameters that would let the coordinator unmask one site (a threshold of at
+    most half the shares; a site listed as alive and as dropped at unmask) are refused too.
     A refusal raised later (another run took the last of the budget) is answered the same way.
     """
 
@@ -257,8 +277,16 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
         secagg = configs is not None
         ctxt.state.config_records[GATE_RECORD] = ConfigRecord({"secagg": secagg})
         cfg = RunConfig.from_flower(ctxt.run_config, overrides).resolved(ctxt.run_id)
+        stage = configs.get(Key.STAGE) if configs is not None else None
         try:
-            if configs is None or configs.get(Key.STAGE) == Stage.SETUP:
+            if configs is not None and stage == Stage.SETUP:
+                check_secagg_setup(sample_num=_int_list(configs, Key.SAMPLE_NUMBER, scalar=True)[0],
+                                   share_num=_int_list(configs, Key.SHARE_NUMBER, scalar=True)[0],
+                                   threshold=_int_list(configs, Key.THRESHOLD, scalar=True)[0])
+            elif configs is not None and stage == Stage.UNMASK:
+                check_secagg_unmask(active=_int_list(configs, Key.ACTIVE_NODE_ID_LIST),
+                                    dead=_int_list(configs, Key.DEAD_NODE_ID_LIST))
+            if configs is None or stage == Stage.SETUP:
                 site = Site.open(ctxt, cfg, policies)
                 request = round_request(cfg, secagg=secagg)
                 review(site.policy, request)

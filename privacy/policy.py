@@ -42,7 +42,8 @@ from federation.config import parse_flat
 from federation.errors import ConfigError, PolicyRefusedError
 from federation.storage import atomic_write_bytes
 
-__all__ = ["POLICY_FILE_KEY", "RoundRequest", "Rule", "SitePolicy", "resolve_policy", "review"]
+__all__ = ["POLICY_FILE_KEY", "RoundRequest", "Rule", "SitePolicy", "check_secagg_setup", "check_secagg_unmask",
+           "resolve_policy", "review"]
 
 POLICY_FILE_KEY = "policy-file"
 """Node-config key naming the site's policy file."""
@@ -61,6 +62,9 @@ class Rule(enum.StrEnum):
     """The run's remaining rounds do not fit in what is left of the site's ε budget."""
     PLANNED_ROUNDS = "planned-rounds"
     """The coordinator asks for more rounds than the run planned (and the site's σ was sized for)."""
+    SECAGG_PROTOCOL = "secagg-protocol"
+    """The SecAgg+ parameters or requests let the coordinator unmask one site (a minority threshold, a site
+    listed both as dropped and alive)."""
     TRAIN_ONLY = "train-only"
     """A site answers training messages only: a local evaluation or query would release plain statistics."""
 
@@ -245,3 +249,36 @@ def review(policy: SitePolicy, request: RoundRequest) -> None:
     if request.noise_multiplier is not None and request.noise_multiplier < policy.min_noise_multiplier:
         raise PolicyRefusedError(Rule.MIN_NOISE_MULTIPLIER, f"the run asks for σ {request.noise_multiplier:g}; this "
                                                             f"site requires at least {policy.min_noise_multiplier:g}")
+
+
+def check_secagg_setup(*, sample_num: int, share_num: int, threshold: int) -> None:
+    """Refuse SecAgg+ parameters under which the coordinator could collect both secrets of one site.
+
+    Each site's mask seed and key are split into ``share_num`` shares, ``threshold`` of which
+    rebuild either. In the unmask stage every neighbour hands over one share per site, of
+    the seed (site alive) or of the key (site dropped); only if ``2 · threshold >
+    share_num`` can no coordinator gather ``threshold`` of each.
+
+    Raises
+    ------
+    PolicyRefusedError
+        Naming :attr:`Rule.SECAGG_PROTOCOL`.
+    """
+    if not 2 <= share_num <= sample_num or not 2 * threshold > share_num or threshold > share_num:
+        raise PolicyRefusedError(Rule.SECAGG_PROTOCOL, f"threshold {threshold} of {share_num} shares "
+                                                       f"({sample_num} sites): the threshold must exceed half "
+                                                       "the shares, or the coordinator can unmask a site")
+
+
+def check_secagg_unmask(*, active: list[int], dead: list[int]) -> None:
+    """Refuse an unmask request that lists a site both as alive and as dropped (it would unmask that site).
+
+    Raises
+    ------
+    PolicyRefusedError
+        Naming :attr:`Rule.SECAGG_PROTOCOL`.
+    """
+    both = sorted(set(active) & set(dead))
+    if both:
+        raise PolicyRefusedError(Rule.SECAGG_PROTOCOL, f"the unmask request lists nodes {both} as alive and as "
+                                                       "dropped: answering would reveal their updates")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.clientapp import ClientApp
-from flwr.common import Context, RecordDict
+from flwr.common import Context, Message, RecordDict
 from flwr.server import ServerApp
 
 from clients.client_app import HospitalClient, Site, get_weights, set_weights, site_data_path
@@ -93,3 +93,52 @@ def test_a_site_answers_no_evaluation_or_query_message(tiny_federation: Path) ->
 
         assert reply.has_error()
         assert refusal_rule(reply) == "train-only"
+
+
+def _secagg_message(stage: str, **fields: object) -> Message:
+    import time
+
+    from flwr.app import ConfigRecord
+    from flwr.common import Message, MessageType, Metadata
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+    record = ConfigRecord({"stage": stage, **fields})  # type: ignore[arg-type]
+    return Message(RecordDict({RECORD_KEY_CONFIGS: record}), metadata=meta)
+
+
+def _gate_answer(tiny_federation: Path, msg: Message) -> Message:
+    from clients.client_app import policy_gate
+
+    gate = policy_gate(SitePolicy(), {"data-dir": str(tiny_federation), "image-size": 32})
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config={"data-dir": str(tiny_federation), "image-size": 32})
+
+    def secagg(msg: Message, ctxt: Context) -> Message:
+        raise AssertionError("the site must not take part in this SecAgg+ stage")
+
+    return gate(msg, ctx, secagg)
+
+
+def test_a_site_refuses_a_secagg_threshold_of_half_the_shares_or_less(tiny_federation: Path) -> None:
+    from aggregator.metrics import refusal_rule
+
+    # 5 sites, 5 shares, threshold 2: the coordinator could gather 2 seed shares and 2 key shares of one site
+    reply = _gate_answer(tiny_federation, _secagg_message("setup", sample_num=5, share_num=5, threshold=2,
+                                                          clipping_range=8.0, target_range=1 << 22,
+                                                          mod_range=1 << 32, max_weight=1000.0))
+
+    assert refusal_rule(reply) == "secagg-protocol"
+    assert "must exceed half the shares" in (reply.error.reason or "")
+
+
+def test_a_site_refuses_to_unmask_a_node_listed_as_alive_and_dropped(tiny_federation: Path) -> None:
+    from aggregator.metrics import refusal_rule
+
+    reply = _gate_answer(tiny_federation, _secagg_message("unmask", active_nids=[11, 12, 13], dead_nids=[12]))
+    malformed = _gate_answer(tiny_federation, _secagg_message("unmask", active_nids=[11], dead_nids="12"))
+
+    assert refusal_rule(reply) == "secagg-protocol"
+    assert "[12] as alive and as dropped" in (reply.error.reason or "")
+    assert refusal_rule(malformed) == "secagg-protocol"
