@@ -34,6 +34,7 @@ def test_certs_chain_to_the_ca_name_the_hosts_and_keep_private_keys_private(tmp_
         make_certs(tmp_path, sites=["site-1"], hosts=["127.0.0.1"])
 
 
+@pytest.mark.slow
 def test_a_dp_secagg_run_completes_on_a_tls_authenticated_federation(tiny_federation: Path, tmp_path: Path) -> None:
     sites = {s: tiny_federation / s for s in ("site-1", "site-2")}
     out = tmp_path / "run"

@@ -87,6 +87,7 @@ def test_the_server_refuses_secret_material(setup, tmp_path) -> None:  # type: i
     assert oct(spath.stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.slow
 def test_one_and_two_worker_servers_match_plaintext_and_only_the_owner_decrypts(setup) -> None:  # type: ignore[no-untyped-def]
     net, x, model, path, keys = setup
     upload = encrypt_image(model, keys, x[0])

@@ -46,6 +46,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_classify_through_the_service_matches_the_plaintext_model(service, tiny_federation: Path) -> None:  # type: ignore[no-untyped-def]
     url, ckpt, root = service
     dicoms = sorted((tiny_federation / "test").glob("*.dcm"))[:2]
@@ -66,6 +67,7 @@ def test_classify_through_the_service_matches_the_plaintext_model(service, tiny_
     assert (root / "keys" / "secret.key").is_file()
 
 
+@pytest.mark.slow
 def test_every_malformed_request_gets_a_named_4xx_and_the_service_keeps_serving(service) -> None:  # type: ignore[no-untyped-def]
     url, _, root = service
     client = ServiceClient(url, root / "keys2")
@@ -102,6 +104,7 @@ def test_every_malformed_request_gets_a_named_4xx_and_the_service_keeps_serving(
     assert info["classes"] == CLASSES
 
 
+@pytest.mark.slow
 def test_eight_concurrent_classifications_all_succeed(service) -> None:  # type: ignore[no-untyped-def]
     url, ckpt, root = service
     client = ServiceClient(url, root / "keys3")
@@ -125,6 +128,7 @@ def test_eight_concurrent_classifications_all_succeed(service) -> None:  # type:
     np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)  # each reply is its own image's
 
 
+@pytest.mark.slow
 def test_the_service_over_tls_answers_only_clients_that_trust_its_ca(tmp_path: Path) -> None:
     from federation.deploy import make_certs
 
