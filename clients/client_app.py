@@ -289,8 +289,9 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
             if configs is None or stage == Stage.SETUP:
                 site = Site.open(ctxt, cfg, policies)
                 request = round_request(cfg, secagg=secagg)
-                review(site.policy, request)
-                if site.ledger is not None:
+                if site.ledger is None:
+                    review(site.policy, request)
+                else:  # the policy's rules first, then the ledger
                     plan_round(site.policy, request, site.ledger, n=len(site.data),
                                train=train_config(cfg, site.name, 0), run=str(ctxt.run_id))
             reply = call_next(msg, ctxt)
