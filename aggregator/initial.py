@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.ingest import Preprocess, load_dataset
-from clients.train import TrainConfig, default_lr, train_epochs
 from federation.config import RunConfig
 from federation.errors import DataError, ModelError
+from federation.ingest import Preprocess, load_dataset
 from federation.model import ModelKind, PrivradCNN, build_model
 from federation.storage import load_checkpoint
+from federation.train import TrainConfig, default_lr, train_epochs
 
 __all__ = ["InitKind", "InitialModel", "initial_model", "public_dir"]
 

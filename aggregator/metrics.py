@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.common import Message, Metrics, NDArrays, Scalar
 
-from clients.client_app import set_weights
-from clients.ingest import ImageSet, Preprocess
-from clients.train import predict_proba
 from federation.config import RunConfig
 from federation.errors import PolicyRefusedError
+from federation.ingest import ImageSet, Preprocess
 from federation.metrics import classification_metrics
-from federation.model import build_model
+from federation.model import build_model, set_weights
 from federation.storage import atomic_write_json, save_checkpoint
+from federation.train import predict_proba
 
 if TYPE_CHECKING:
     from aggregator.central_dp import CentralDP

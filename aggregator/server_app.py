@@ -46,11 +46,10 @@ from flwr.supercore.run import Run
 from aggregator.central_dp import CentralDP, plan_central_dp
 from aggregator.initial import initial_model
 from aggregator.metrics import RunRecorder
-from clients.client_app import get_weights
-from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig, StrategyKind
 from federation.errors import ConfigError
-from federation.model import build_model
+from federation.ingest import Preprocess, load_dataset
+from federation.model import build_model, get_weights
 from privacy.ledger import PrivacyLedger
 
 __all__ = ["app", "build_strategy", "central_dp_strategy", "make_server_app", "secagg_workflow"]
@@ -80,7 +79,7 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial_weights: NDArr
         return FedAvg(**common)
     if cfg.strategy is StrategyKind.FEDADAM:
         return FedAdam(**common, eta=cfg.server_learning_rate)
-    if cfg.strategy is StrategyKind.FEDPROX:  # the clients add the proximal term (clients.train)
+    if cfg.strategy is StrategyKind.FEDPROX:  # the clients add the proximal term (federation.train)
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     raise ConfigError(f"`strategy` {cfg.strategy!r} is not supported")
 

@@ -1,6 +1,9 @@
-"""One hospital: data ingestion, local training, the Flower ClientApp."""
+"""One hospital in the federation: the Flower ClientApp and the site's privacy gate in front of it.
 
-from clients.ingest import ImageSet, Preprocess, load_dataset
-from clients.train import TrainConfig, evaluate, train_epochs
+Ingestion and the plain training loop are shared with the server and live in the ground
+(:mod:`federation.ingest`, :mod:`federation.train`); DP-SGD and the site policy in :mod:`privacy`.
+"""
 
-__all__ = ["ImageSet", "Preprocess", "TrainConfig", "evaluate", "load_dataset", "train_epochs"]
+from clients.client_app import FitMetric, HospitalClient, make_client_app, policy_gate
+
+__all__ = ["FitMetric", "HospitalClient", "make_client_app", "policy_gate"]

@@ -1,6 +1,6 @@
 """Flower ClientApp: one hospital trains the shared Approx-CNN on its own data, under its own policy.
 
-A thin adapter over :mod:`clients.ingest`, :mod:`clients.train` and :mod:`privacy`:
+A thin adapter over :mod:`federation.ingest`, :mod:`federation.train` and :mod:`privacy`:
 
 * the hospital's folder is ``data-dir/site-K`` with ``K = partition-id + 1`` in simulation,
   or ``data-path`` from ``--node-config`` in deployment;
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import torch
 from flwr.app import ConfigRecord
 from flwr.client import Client, NumPyClient
@@ -46,11 +44,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from clients.ingest import ImageSet, Preprocess, load_dataset
-from clients.train import TrainConfig, train_epochs
 from federation.config import RunConfig, StrategyKind
 from federation.errors import ConfigError, PolicyRefusedError
-from federation.model import PrivradCNN, build_model
+from federation.ingest import ImageSet, Preprocess, load_dataset
+from federation.model import NDArrays, build_model, get_weights, set_weights
+from federation.train import TrainConfig, train_epochs
 from privacy.dp import plan_round, private_round
 from privacy.ledger import PrivacyLedger
 from privacy.policy import (
@@ -68,7 +66,6 @@ __all__ = ["FitMetric", "HospitalClient", "app", "get_weights", "make_client_app
 
 log = logging.getLogger(__name__)
 
-NDArrays = list[npt.NDArray[Any]]
 Policies = SitePolicy | Mapping[str, SitePolicy]
 """One policy for every virtual site, or one per site name (sites not named get the default)."""
 
@@ -86,19 +83,6 @@ class FitMetric(enum.StrEnum):
     DELTA = "delta"
     NOISE_MULTIPLIER = "noise_multiplier"
     STEPS = "steps"
-
-
-def get_weights(model: PrivradCNN) -> NDArrays:
-    """The model's state as a list of numpy arrays (state-dict order)."""
-    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
-
-
-def set_weights(model: PrivradCNN, weights: NDArrays) -> None:
-    """Load a list of numpy arrays produced by :func:`get_weights`."""
-    keys = list(model.state_dict())
-    if len(keys) != len(weights):
-        raise ConfigError(f"received {len(weights)} arrays, the model has {len(keys)} tensors")
-    model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
 
 
 def site_name(context: Context) -> str:

@@ -78,7 +78,7 @@ def train(
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
 ) -> None:
     """Train centrally on all sites pooled (the non-private upper bound) and evaluate."""
-    from clients.train import EpochStats, TrainConfig, default_lr
+    from federation.train import EpochStats, TrainConfig, default_lr
     from simulations.centralised import train_centralised
 
     arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head), stem=stem)
@@ -311,9 +311,9 @@ def evaluate(
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported).")] = False,
 ) -> None:
     """Re-compute AUC/AUPRC/accuracy of a saved model on a labelled data set."""
-    from clients.ingest import Preprocess, load_dataset
-    from clients.train import evaluate as evaluate_model
+    from federation.ingest import Preprocess, load_dataset
     from federation.storage import atomic_write_json, load_checkpoint
+    from federation.train import evaluate as evaluate_model
 
     ckpt = load_checkpoint(model)
     pre = Preprocess(**ckpt.meta["preprocess"])
@@ -333,7 +333,7 @@ def scan(
     size: Annotated[int, typer.Option(help="Resize target, as for training.")] = 64,
 ) -> None:
     """Check a data set: how many images load, per class, and which files are skipped and why."""
-    from clients.ingest import Preprocess, SkippedFile, load_dataset
+    from federation.ingest import Preprocess, SkippedFile, load_dataset
     from simulations.centralised import site_folders
 
     folders = site_folders(data) or [data]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -333,3 +334,20 @@ def build_model(cfg: ArchConfig, *, seed: int | None = None) -> PrivradCNN:
             torch.manual_seed(seed)
             return PrivradCNN(cfg)
     return PrivradCNN(cfg)
+
+
+NDArrays = list[npt.NDArray[Any]]
+"""A model's weights as Flower ships them: one array per state-dict tensor."""
+
+
+def get_weights(model: PrivradCNN) -> NDArrays:
+    """The model's state as a list of numpy arrays (state-dict order)."""
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+
+
+def set_weights(model: PrivradCNN, weights: NDArrays) -> None:
+    """Load a list of numpy arrays produced by :func:`get_weights`."""
+    keys = list(model.state_dict())
+    if len(keys) != len(weights):
+        raise ConfigError(f"received {len(weights)} arrays, the model has {len(keys)} tensors")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})

@@ -35,7 +35,7 @@ Array = npt.NDArray[np.float64]
 
 def read_image(path: Path, preprocess: dict[str, Any]) -> Array:
     """One image for the model: a DICOM slice (windowed and resized as in training) or a ``.npy`` (C, H, W)."""
-    from clients.ingest import Preprocess, read_slice
+    from federation.ingest import Preprocess, read_slice
 
     path = Path(path)
     if not path.is_file():
@@ -103,7 +103,7 @@ def layer_table(timings: list[list[LayerTiming]]) -> list[dict[str, Any]]:
 def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The full encrypted loop on the first ``n`` images of ``data``; returns the report (see module doc)."""
-    from clients.ingest import Preprocess, load_dataset
+    from federation.ingest import Preprocess, load_dataset
     from federation.storage import load_checkpoint
 
     say = progress or (lambda _m: None)

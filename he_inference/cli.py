@@ -54,7 +54,7 @@ def compile_(
     calib, source = None, "uniform noise"
     folder = private_calibration or calibration
     if folder is not None:
-        from clients.ingest import Preprocess, load_dataset
+        from federation.ingest import Preprocess, load_dataset
         from federation.storage import load_checkpoint
         meta = load_checkpoint(model).meta
         ds = load_dataset(folder, classes=meta["classes"], preprocess=Preprocess(**meta["preprocess"]))

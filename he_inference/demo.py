@@ -22,7 +22,7 @@ __all__ = ["run_demo"]
 def run_demo(run: Path, data: Path, out: Path, *, workers: int = 2,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """Returns (and prints) the summary; the service is stopped on the way out."""
-    from clients.ingest import Preprocess, load_dataset
+    from federation.ingest import Preprocess, load_dataset
     from federation.storage import atomic_write_json, load_checkpoint
     from he_inference.check import compile_checkpoint
     from he_inference.client import ServiceClient

@@ -32,9 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from clients.ingest import ImageSet
-from clients.train import ProximalTerm, TrainConfig, make_optimizer
 from federation.errors import ModelError, PolicyRefusedError, PrivacyBudgetError
+from federation.ingest import ImageSet
+from federation.train import ProximalTerm, TrainConfig, make_optimizer
 from privacy.ledger import LedgerEntry, PrivacyLedger, StepSet, epsilon_of, merge_step_sets, noise_for_remaining
 from privacy.policy import RoundRequest, Rule, SitePolicy, review
 

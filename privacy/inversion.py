@@ -309,8 +309,8 @@ def run_inversion_audit(cfg: SweepConfig, *, batch_sizes: Sequence[int] = (1, 32
     it shows nothing about the record that a typical abdomen would not. ``progress(setting,
     done, total)`` reports iterations.
     """
-    from clients.ingest import Preprocess, concat, load_dataset
     from federation.config import RunConfig
+    from federation.ingest import Preprocess, concat, load_dataset
     from federation.storage import atomic_write_json, load_checkpoint
     from simulations.centralised import site_folders
 

@@ -298,10 +298,10 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
     """
     import dataclasses
 
-    from clients.ingest import Preprocess, load_dataset
-    from clients.train import EpochStats, TrainConfig, evaluate, train_epochs
+    from federation.ingest import Preprocess, load_dataset
     from federation.model import ArchConfig, HeadKind, build_model
     from federation.storage import atomic_write_json, save_checkpoint
+    from federation.train import EpochStats, TrainConfig, evaluate, train_epochs
     from simulations.centralised import load_training_data
 
     pre = Preprocess(size=size)

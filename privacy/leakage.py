@@ -80,7 +80,7 @@ def measure_leakage(test: Path, *, model_path: Path, key: BlockKey, out: Path, n
     DataError
         ``test`` is not a labelled DICOM folder or holds fewer than two slices.
     """
-    from clients.ingest import Preprocess, load_dataset
+    from federation.ingest import Preprocess, load_dataset
     from federation.storage import atomic_write_json
     from he_inference.check import compile_checkpoint
     from he_inference.keys import SecretKeys

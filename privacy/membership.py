@@ -27,8 +27,8 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
-from clients.ingest import ImageSet
 from federation.errors import DataError
+from federation.ingest import ImageSet
 
 __all__ = ["LOW_FPRS", "AttackResult", "dp_tpr_bound", "membership_audit", "per_record_loss", "score_attack"]
 

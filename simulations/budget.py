@@ -44,12 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from clients.ingest import Preprocess, concat, load_dataset
-from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
+from federation.ingest import Preprocess, concat, load_dataset
 from federation.model import PrivradCNN
 from federation.storage import atomic_write_json, load_checkpoint, save_checkpoint
+from federation.train import TrainConfig, evaluate, train_epochs
 from privacy.membership import LOW_FPRS, dp_tpr_bound, membership_audit
 from privacy.policy import SitePolicy
 from simulations.centralised import site_folders

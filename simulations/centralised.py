@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.ingest import ErrorPolicy, ImageSet, Preprocess, concat, load_dataset
-from clients.train import EpochStats, TrainConfig, evaluate, train_epochs
 from federation.errors import DataError
+from federation.ingest import ErrorPolicy, ImageSet, Preprocess, concat, load_dataset
 from federation.model import ArchConfig, build_model
 from federation.storage import atomic_write_json, save_checkpoint
+from federation.train import EpochStats, TrainConfig, evaluate, train_epochs
 
 __all__ = ["CentralisedResult", "load_training_data", "train_centralised"]
 

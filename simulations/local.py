@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from aggregator.initial import initial_model
-from clients.ingest import Preprocess, load_dataset
-from clients.train import TrainConfig, evaluate, train_epochs
 from federation.config import RunConfig
 from federation.errors import DataError
+from federation.ingest import Preprocess, load_dataset
 from federation.storage import atomic_write_json, save_checkpoint
+from federation.train import TrainConfig, evaluate, train_epochs
 from privacy.dp import private_round
 from privacy.ledger import PrivacyLedger
 from privacy.policy import RoundRequest, SitePolicy

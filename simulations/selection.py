@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.train import TrainConfig, default_lr
 from federation.config import RunConfig
 from federation.errors import DataError
 from federation.model import ArchConfig, HeadKind, ModelKind
 from federation.storage import atomic_write_bytes, atomic_write_json
+from federation.train import TrainConfig, default_lr
 from privacy.policy import SitePolicy
 from simulations.centralised import train_centralised
 

@@ -11,10 +11,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import Context, Message, RecordDict
 from flwr.server import ServerApp
 
-from clients.client_app import HospitalClient, Site, get_weights, set_weights, site_data_path
-from clients.ingest import Preprocess, load_dataset
+from clients.client_app import HospitalClient, Site, site_data_path
 from federation.config import RunConfig
-from federation.model import build_model
+from federation.ingest import Preprocess, load_dataset
+from federation.model import build_model, get_weights, set_weights
 from privacy.policy import SitePolicy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flwr.common import Context
 
-from clients.client_app import get_weights, make_client_app
+from clients.client_app import make_client_app
 from federation.config import RunConfig
-from federation.model import build_model
+from federation.model import build_model, get_weights
 from federation.storage import load_checkpoint
 from privacy.ledger import epsilon_of
 from privacy.policy import SitePolicy

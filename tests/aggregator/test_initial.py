@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from aggregator.initial import InitKind, initial_model
-from clients.ingest import Preprocess, load_dataset
 from federation.config import RunConfig
 from federation.errors import DataError, ModelError
+from federation.ingest import Preprocess, load_dataset
 from federation.model import build_model
 from federation.storage import save_checkpoint
 from simulations.phantoms import PhantomConfig, generate_phantoms

@@ -10,11 +10,11 @@ from flwr.server.strategy import FedProx
 
 from aggregator.metrics import RunRecorder
 from aggregator.server_app import build_strategy
-from clients.ingest import Preprocess, load_dataset
-from clients.train import ProximalTerm, TrainConfig, train_epochs
 from federation.config import RunConfig
 from federation.errors import ConfigError
+from federation.ingest import Preprocess, load_dataset
 from federation.model import ArchConfig, build_model
+from federation.train import ProximalTerm, TrainConfig, train_epochs
 from privacy.dp import DPRandomness, RoundPlan, sample_rate, steps_per_epoch, train_dp_round
 
 ARCH = ArchConfig(input_size=32, channels=(4, 8), head="flatten")

@@ -50,7 +50,7 @@ def test_compile_keygen_encrypt_infer_decrypt_match_the_plaintext_model(checkpoi
     from he_inference.compiler import CompiledModel
     assert CompiledModel.load(he).meta["calibration"] == "private: 12 images"
     out = json.loads(results[-1].stdout[results[-1].stdout.index("{"):])
-    from clients.ingest import Preprocess, read_slice
+    from federation.ingest import Preprocess, read_slice
     from federation.storage import load_checkpoint
     with torch.no_grad():
         ref = load_checkpoint(checkpoint).model.eval()(read_slice(dicom, Preprocess(size=32))[None])[0]

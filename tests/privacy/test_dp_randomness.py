@@ -11,10 +11,10 @@ import torch
 from opacus.optimizers import optimizer as opacus_optimizer
 
 import privacy.dp as dp
-from clients.client_app import HospitalClient, Site, get_weights
-from clients.ingest import Preprocess, load_dataset
+from clients.client_app import HospitalClient, Site
 from federation.config import RunConfig
-from federation.model import build_model
+from federation.ingest import Preprocess, load_dataset
+from federation.model import build_model, get_weights
 from privacy.ledger import PrivacyLedger
 from privacy.policy import SitePolicy
 

@@ -128,7 +128,7 @@ def test_block_adaptation_can_undo_the_key_exactly_and_he_refuses_it() -> None:
 
 def test_one_transformed_slice_gives_away_the_key(tiny_federation: Path) -> None:
     """The key-free jigsaw fit recovers permutation and flips exactly from one phantom slice, not from noise."""
-    from clients.ingest import Preprocess, load_dataset
+    from federation.ingest import Preprocess, load_dataset
 
     slices = load_dataset(tiny_federation / "test", preprocess=Preprocess(size=32)).images
     for i, block in enumerate((4, 4, 4, 2, 2)):

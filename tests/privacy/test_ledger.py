@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from clients.ingest import ImageSet, Preprocess, load_dataset
-from clients.train import TrainConfig
 from federation.errors import PolicyRefusedError, PrivacyBudgetError
+from federation.ingest import ImageSet, Preprocess, load_dataset
 from federation.model import ArchConfig, build_model
+from federation.train import TrainConfig
 from privacy.dp import (
     RoundPlan,
     dp_loader,
@@ -306,8 +306,8 @@ KILLED = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import privacy.dp as dp
-    from clients.ingest import Preprocess, load_dataset
-    from clients.train import TrainConfig
+    from federation.ingest import Preprocess, load_dataset
+    from federation.train import TrainConfig
     from federation.model import ArchConfig, build_model
     from privacy.ledger import PrivacyLedger
     from privacy.policy import RoundRequest, SitePolicy

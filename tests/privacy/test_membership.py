@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from clients.ingest import ImageSet
 from federation.errors import DataError
+from federation.ingest import ImageSet
 from privacy.membership import dp_tpr_bound, membership_audit, per_record_loss, score_attack
 
 CLASSES = ("normal", "cyst", "tumour")

@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from clients.ingest import read_dicom_hu
 from federation.errors import ConfigError
+from federation.ingest import read_dicom_hu
 from federation.model import CLASSES
 from simulations.phantoms import (
     PhantomConfig,

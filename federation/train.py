@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from clients.ingest import ImageSet
 from federation.errors import ConfigError
+from federation.ingest import ImageSet
 from federation.metrics import classification_metrics
 from federation.model import ModelKind
 

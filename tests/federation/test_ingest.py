@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import JPEGLSLossless, RLELossless
 
-from clients.ingest import (
+from federation.errors import DataError, DicomError, LabelError
+from federation.ingest import (
     ErrorPolicy,
     Preprocess,
     apply_window,
@@ -19,7 +20,6 @@ from clients.ingest import (
     load_npz,
     read_dicom_hu,
 )
-from federation.errors import DataError, DicomError, LabelError
 from federation.model import CLASSES
 
 from ..conftest import TINY
