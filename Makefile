@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Each demo is a new world: new synthetic hospitals, so fresh privacy ledgers (a site's ledger
 # persists across runs on the same data: a second run would find the budget spent).

@@ -12,21 +12,20 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.common import Message, Metrics, NDArrays, Scalar
 
+from aggregator.central_dp import CentralDP
 from federation.config import RunConfig
 from federation.errors import PolicyRefusedError
 from federation.ingest import ImageSet, Preprocess
 from federation.metrics import classification_metrics
 from federation.model import build_model, set_weights
+from federation.plots import plot_rounds
 from federation.storage import atomic_write_json, save_checkpoint
 from federation.train import predict_proba
-
-if TYPE_CHECKING:
-    from aggregator.central_dp import CentralDP
 
 __all__ = ["RunRecorder", "refusal_rule"]
 
@@ -190,45 +189,3 @@ class RunRecorder:
         if self.cfg.central_dp:
             parts.append("central DP")
         return f"federated {self.cfg.strategy} ({', '.join(parts)})"
-
-
-def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str,
-                initial_auc: float | None = None) -> None:
-    """AUC and ε per round (round 0: the initial model), two axes, saved atomically as PNG."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from federation.storage import atomic_write_bytes
-
-    r = [row["round"] for row in rounds]
-    auc = [row["auc_macro"] for row in rounds]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    if initial_auc is not None:
-        ax.plot(0, initial_auc, "D", color="tab:gray", label="initial model")
-        ax.plot([0, r[0]], [initial_auc, auc[0]], ":", color="tab:blue")
-    ax.plot(r, auc, "o-", color="tab:blue", label="test macro-AUC")
-    ax.set_xlabel("round")
-    ax.set_ylabel("macro-AUC", color="tab:blue")
-    ax.set_ylim(0.4, 1.0)
-    ax.grid(alpha=0.3)
-    eps = [row.get("epsilon_max", 0.0) for row in rounds]
-    central = [row.get("central_epsilon", 0.0) for row in rounds]
-    if any(eps) or any(central):
-        ax2 = ax.twinx()
-        if any(eps):
-            ax2.plot(r, eps, "s--", color="tab:red", label="max ε per site (DP-SGD, record level)")
-        if any(central):
-            ax2.plot(r, central, "^--", color="tab:purple", label="central ε (site level)")
-        ax2.set_ylabel("ε spent", color="tab:red")
-        ax2.legend(loc="lower right", fontsize=7)
-    ax.legend(loc="lower left", fontsize=7)
-    ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

@@ -46,13 +46,13 @@ from flwr.supercore.run import Run
 from aggregator.central_dp import CentralDP, plan_central_dp
 from aggregator.initial import initial_model
 from aggregator.metrics import RunRecorder
-from federation.config import RunConfig, StrategyKind
+from federation.config import Resolve, RunConfig, StrategyKind, require_paths
 from federation.errors import ConfigError
 from federation.ingest import Preprocess, load_dataset
 from federation.model import build_model, get_weights
 from privacy.ledger import PrivacyLedger
 
-__all__ = ["app", "build_strategy", "central_dp_strategy", "make_server_app", "secagg_workflow"]
+__all__ = ["build_strategy", "central_dp_strategy", "make_server_app", "secagg_workflow"]
 
 log = logging.getLogger(__name__)
 
@@ -197,17 +197,19 @@ def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: FitObserver | None = None,
-                    on_reply: ReplyObserver | None = None) -> ServerApp:
+                    on_reply: ReplyObserver | None = None, resolve: Resolve = require_paths) -> ServerApp:
     """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``.
 
     ``observer`` (for audits and tests) is shown what the strategy receives each round,
-    ``on_reply`` every reply message the server gets (refusals included).
+    ``on_reply`` every reply message the server gets (refusals included). ``resolve`` fills
+    an empty ``data-dir``/``out-dir`` (default: they must be set; :mod:`simulations.apps`
+    uses the built-in federation).
     """
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = RunConfig.from_flower(context.run_config, overrides).resolved(context.run_id)
+        cfg = resolve(RunConfig.from_flower(context.run_config, overrides), context.run_id)
         log.info("run %s: data %s, writing to %s", context.run_id, cfg.data_dir, cfg.out_dir)
         test = load_dataset(Path(cfg.test_dir or Path(cfg.data_dir) / "test"),
                             preprocess=Preprocess(size=cfg.image_size))
@@ -230,5 +232,3 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: Fit
 
     return server
 
-
-app = make_server_app()

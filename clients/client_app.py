@@ -44,7 +44,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from federation.config import RunConfig, StrategyKind
+from federation.config import Resolve, RunConfig, StrategyKind, as_given
 from federation.errors import ConfigError, PolicyRefusedError
 from federation.ingest import ImageSet, Preprocess, load_dataset
 from federation.model import NDArrays, build_model, get_weights, set_weights
@@ -61,7 +61,7 @@ from privacy.policy import (
     review,
 )
 
-__all__ = ["FitMetric", "HospitalClient", "app", "get_weights", "make_client_app", "round_request", "set_weights",
+__all__ = ["FitMetric", "HospitalClient", "get_weights", "make_client_app", "round_request", "set_weights",
            "site_data_path"]
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,8 @@ def _int_list(record: ConfigRecord, key: str, *, scalar: bool = False) -> list[i
     return [int(v) for v in values if isinstance(v, int)]
 
 
-def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
-                ) -> Callable[[Message, Context, ClientAppCallable], Message]:
+def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None,
+                resolve: Resolve = as_given) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """The outermost mod: review every training message against the site's policy; check what leaves.
 
     Plain training messages and the SecAgg+ setup stage are reviewed in full (policy rules,
@@ -260,7 +260,7 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         secagg = configs is not None
         ctxt.state.config_records[GATE_RECORD] = ConfigRecord({"secagg": secagg})
-        cfg = RunConfig.from_flower(ctxt.run_config, overrides).resolved(ctxt.run_id)
+        cfg = resolve(RunConfig.from_flower(ctxt.run_config, overrides), ctxt.run_id)
         stage = configs.get(Key.STAGE) if configs is not None else None
         try:
             if configs is not None and stage == Stage.SETUP:
@@ -316,19 +316,21 @@ def central_clipping_mod(overrides: Mapping[str, Any] | None = None) -> Callable
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None, *, policies: Policies | None = None,
-                    before_fit: Callable[[Context], None] | None = None) -> ClientApp:
+                    before_fit: Callable[[Context], None] | None = None,
+                    resolve: Resolve = as_given) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` updated with ``overrides``.
 
     ``policies`` are the hospital side's: one :class:`~privacy.policy.SitePolicy` for every
     virtual site or one per site name; a SuperNode's node config (``policy-file`` or policy
     keys) takes precedence, and without either a site keeps the default (secure) policy.
     ``before_fit`` runs at the start of every ``fit``, mid-protocol under SecAgg+ (fault
-    injection in dropout tests).
+    injection in dropout tests). ``resolve`` fills an empty ``data-dir``/``out-dir``
+    (default: as given; :mod:`simulations.apps` uses the built-in federation).
     """
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)
-        cfg = RunConfig.from_flower(context.run_config, overrides).resolved(context.run_id)
+        cfg = resolve(RunConfig.from_flower(context.run_config, overrides), context.run_id)
         site = Site.open(context, cfg, policies)
         hook = (lambda: before_fit(context)) if before_fit is not None else None
         return HospitalClient(site, cfg, run=str(context.run_id), secagg=_came_through_secagg(context),
@@ -336,7 +338,6 @@ def make_client_app(overrides: Mapping[str, Any] | None = None, *, policies: Pol
 
     # The policy gate outermost (it sees what leaves last); SecAgg+ next: the update is clipped before it is masked.
     return ClientApp(client_fn=client_fn,
-                     mods=[policy_gate(policies, overrides), secagg_when_configured, central_clipping_mod(overrides)])
+                     mods=[policy_gate(policies, overrides, resolve), secagg_when_configured,
+                           central_clipping_mod(overrides)])
 
-
-app = make_client_app()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,18 +170,6 @@ class RunConfig:
         """The Approx-CNN architecture every party builds."""
         return ArchConfig(input_size=self.image_size, head=HeadKind(self.head))
 
-    def resolved(self, run_id: int | str = "local") -> RunConfig:
-        """Return a copy with an empty ``data-dir`` / ``out-dir`` set to the built-in defaults.
-
-        ``data-dir`` becomes the built-in synthetic federation (generated on first use);
-        ``out-dir`` becomes ``<cache>/runs/run-<run_id>``.
-        """
-        from simulations.builtin import builtin_federation, cache_root
-
-        data = self.data_dir or str(builtin_federation())
-        out = self.out_dir or str(cache_root() / "runs" / f"run-{run_id}")
-        return dataclasses.replace(self, data_dir=data, out_dir=out)
-
     def to_flower(self) -> dict[str, Any]:
         """Flat ``-`` separated form (Flower run-config values: bool, int, float, str)."""
         out: dict[str, Any] = {}
@@ -189,3 +177,30 @@ class RunConfig:
             v = getattr(self, f.name)
             out[f.name.replace("_", "-")] = str(v) if isinstance(v, enum.Enum) else v
         return out
+
+
+Resolve = Callable[[RunConfig, "int | str"], RunConfig]
+"""Fills what a run config left empty (``data-dir``, ``out-dir``) for run ``run_id``."""
+
+
+def as_given(cfg: RunConfig, run_id: int | str) -> RunConfig:
+    """The run config unchanged (a hospital's data path comes from its node config)."""
+    return cfg
+
+
+def require_paths(cfg: RunConfig, run_id: int | str) -> RunConfig:
+    """The run config as given; an empty ``data-dir`` or ``out-dir`` is an error naming the key.
+
+    The Flower apps that ``flwr run .`` starts (:mod:`simulations.apps`) resolve both to the
+    built-in synthetic federation and a cache folder instead.
+
+    Raises
+    ------
+    ConfigError
+        ``data-dir`` or ``out-dir`` is empty.
+    """
+    for key, value in (("data-dir", cfg.data_dir), ("out-dir", cfg.out_dir)):
+        if not value:
+            raise ConfigError(f"`{key}` is empty in the run config of run {run_id}: set it "
+                              f"(`--run-config \"{key}='...'\"`) or start the apps of simulations.apps")
+    return cfg

@@ -196,7 +196,7 @@ def start_service(model_path: Path, *, port: int | None = None, workers: int = 2
     import httpx
 
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "federation.cli", "he", "serve", "--model", str(model_path),
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli.main", "he", "serve", "--model", str(model_path),
                              "--port", str(port), "--workers", str(workers), *(extra or []),
                              *(["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -29,16 +29,12 @@ sees the true images.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,9 +42,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
 from federation.errors import ConfigError
-
-if TYPE_CHECKING:
-    from simulations.budget import SweepConfig
 
 __all__ = [
     "InversionConfig",
@@ -58,14 +51,10 @@ __all__ = [
     "image_similarity",
     "invert",
     "recover_head_input",
-    "run_inversion_audit",
     "secagg_masked_gradient",
 ]
 
 log = logging.getLogger(__name__)
-
-ABOUT = ("FedSGD worst case: a site sends the gradient of one small batch at the global weights. The server "
-         "attacks what it holds under each protection.")
 
 Grads = list[torch.Tensor]
 
@@ -280,122 +269,3 @@ def score(truth: torch.Tensor, rec: Reconstruction) -> Reconstruction:
         psnr.append(pairs[k][1])
         match.append(k)
     return Reconstruction(rec.images, rec.matching_loss, ssim, psnr, match, rec.seconds)
-
-
-# ----------------------------------------------------------------------------- the audit of a sweep
-def _sigmas(cfg: SweepConfig) -> dict[str, float]:
-    """σ each finite-ε point of the sweep used (from budget.json), largest and smallest ε."""
-    budget = json.loads((cfg.run / "budget.json").read_text())
-    found = {r["epsilon"]: r["noise_multiplier"][0] for r in budget["points"] if r.get("noise_multiplier")}
-    if not found:
-        raise ConfigError(f"{cfg.run}/budget.json has no finite-ε point to take σ from")
-    keys = sorted(found, key=float)
-    return {k: found[k] for k in dict.fromkeys([keys[-1], keys[0]])}
-
-
-def _population_ssim(truth: torch.Tensor, others: torch.Tensor) -> float:
-    """The best SSIM another patient's image reaches against ``truth``: what no leakage already gives."""
-    return max(image_similarity(truth, o)[0] for o in others)
-
-
-def run_inversion_audit(cfg: SweepConfig, *, batch_sizes: Sequence[int] = (1, 32),
-                        attack: InversionConfig = InversionConfig(), step_lr: float | None = None,
-                        progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Attack every setting at every batch size on seed 0's initial global model; write inversion.json/.png.
-
-    Each site's attacked batch is drawn from its training records. The baseline
-    ``population_ssim`` is the best SSIM that any of up to 200 held-out records (other
-    patients, in no update) reaches against the same true image: a reconstruction below
-    it shows nothing about the record that a typical abdomen would not. ``progress(setting,
-    done, total)`` reports iterations.
-    """
-    from federation.config import RunConfig
-    from federation.ingest import Preprocess, concat, load_dataset
-    from federation.storage import atomic_write_json, load_checkpoint
-    from simulations.centralised import site_folders
-
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ConfigError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
-    model = load_checkpoint(cfg.run / "init" / "seed-0.pt").model
-    for p in model.parameters():
-        p.requires_grad_(True)
-    pre = Preprocess(size=cfg.image_size)
-    sites = [load_dataset(s, preprocess=pre) for s in site_folders(cfg.run / "data")]
-    others = concat(load_dataset(s, preprocess=pre) for s in site_folders(cfg.run / "holdout")).images[:200]
-    lr = step_lr if step_lr is not None else cfg.learning_rate
-    clip = RunConfig().secagg_clipping_range  # the sweep's runs quantise to [-clip, clip]
-    sigmas = _sigmas(cfg)
-    results: dict[str, Any] = {}
-    panel: list[tuple[str, torch.Tensor, torch.Tensor, float, float]] = []
-    for batch_size in batch_sizes:
-        gen = torch.Generator().manual_seed(attack.seed)
-        batches = []
-        for site in sites:
-            idx = torch.randperm(len(site), generator=gen)[:batch_size]
-            batches.append((site.images[idx], site.labels[idx]))
-        x, y = batches[0]
-        plain = batch_gradient(model, x, y)
-        agg = [torch.stack(gs).mean(0) for gs in zip(*(batch_gradient(model, bx, by) for bx, by in batches),
-                                                     strict=True)]
-        settings: dict[str, tuple[Grads, torch.Tensor, torch.Tensor, str]] = {
-            "plain": (plain, y, x, "one site's update"),
-            "secagg-masked": (secagg_masked_gradient(plain, lr=lr, clipping_range=clip), y, x,
-                              "the same upload, masked by SecAgg+"),
-            "secagg-aggregate": (agg, torch.cat([b for _, b in batches]), torch.cat([a for a, _ in batches]),
-                                 f"sum of {len(batches)} sites' updates (what SecAgg+ reveals)"),
-        }
-        for eps, sigma in sigmas.items():
-            settings[f"dp-eps-{eps}"] = (dp_gradient(model, x, y, noise_multiplier=sigma,
-                                                     max_grad_norm=cfg.max_grad_norm, seed=attack.seed),
-                                         y, x, f"the site's DP-SGD step, σ {sigma:.3f} (target ε {eps})")
-        rows: dict[str, Any] = {}
-        for name, (grads, labels, truth, about) in settings.items():
-            label = f"{name} (batch {batch_size})"
-            done = 0
-
-            def tick(n: int, label: str = label) -> None:
-                nonlocal done
-                done += n
-                if progress is not None:
-                    progress(label, done, attack.iterations * attack.restarts)
-
-            rec = score(truth, invert(model, grads, labels, shape=tuple(x.shape[1:]), config=attack, progress=tick))
-            best = int(np.argmax(rec.ssim))
-            population = _population_ssim(truth[best], others)
-            rows[name] = {"about": about, "images_in_update": len(labels), "best_ssim": rec.ssim[best],
-                          "best_psnr": rec.psnr[best], "population_ssim": population,
-                          "ssim": rec.ssim, "psnr": rec.psnr, "matching_loss": rec.matching_loss,
-                          "seconds": rec.seconds}
-            panel.append((label, truth[best], rec.images[rec.match[best]], rec.ssim[best], rec.psnr[best]))
-            log.info("inversion %s: best SSIM %.3f (population %.3f), PSNR %.1f dB", label, rec.ssim[best],
-                     population, rec.psnr[best])
-        results[str(batch_size)] = rows
-    out = {"about": ABOUT, "model": str(cfg.run / "init" / "seed-0.pt"), "attack": asdict(attack),
-           "batch_sizes": list(batch_sizes), "results": results}
-    atomic_write_json(cfg.run / "inversion.json", out)
-    plot_inversion(panel, cfg.run / "inversion.png", columns=len(panel) // len(batch_sizes))
-    return out
-
-
-def plot_inversion(panel: Sequence[tuple[str, torch.Tensor, torch.Tensor, float, float]], path: Path,
-                   *, columns: int) -> None:
-    """Pairs of rows (true image over the attacker's best reconstruction), ``columns`` settings per pair."""
-    import matplotlib.pyplot as plt
-
-    from simulations.plots import save_figure
-
-    pairs = -(-len(panel) // columns)
-    fig, axes = plt.subplots(2 * pairs, columns, figsize=(2.3 * columns, 2.8 * 2 * pairs), dpi=100,
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for i, (name, truth, rec, ssim, psnr) in enumerate(panel):
-        top, bottom = axes[2 * (i // columns)][i % columns], axes[2 * (i // columns) + 1][i % columns]
-        top.imshow(truth.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
-        top.set_title(f"{name}\ntrue image", fontsize=8)
-        bottom.imshow(rec.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
-        shown = "∞" if math.isinf(psnr) else f"{psnr:.1f}"
-        bottom.set_title(f"reconstruction\nSSIM {ssim:.3f}, PSNR {shown} dB", fontsize=8)
-    fig.suptitle("gradient inversion against what the server receives (best match per setting)", fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)

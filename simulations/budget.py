@@ -44,10 +44,12 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.initial import initial_model
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
 from federation.ingest import Preprocess, concat, load_dataset
 from federation.model import PrivradCNN
+from federation.plots import plot_audit_roc, plot_budget
 from federation.storage import atomic_write_json, load_checkpoint, save_checkpoint
 from federation.train import TrainConfig, evaluate, train_epochs
 from privacy.membership import LOW_FPRS, dp_tpr_bound, membership_audit
@@ -250,8 +252,6 @@ def split_members(data: Path, run: Path, *, holdout: float, seed: int) -> dict[s
 # ----------------------------------------------------------------------------- one point
 def _initial_model(cfg: SweepConfig, seed: int) -> Path:
     """Public-pretrained (or random, without a public archive) initial model of ``seed``, cached."""
-    from aggregator.initial import initial_model
-
     path = cfg.run / "init" / f"seed-{seed}.pt"
     if path.is_file():
         return path
@@ -509,8 +509,6 @@ def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def write_summaries(cfg: SweepConfig) -> dict[str, Any]:
     """Write ``budget.json``, ``audit.json``, ``budget.png`` and ``audit.png``; return the budget."""
-    from simulations.plots import plot_audit_roc, plot_budget
-
     budget, audit = aggregate(cfg)
     atomic_write_json(cfg.run / "budget.json", budget)
     atomic_write_json(cfg.run / "audit.json", audit)

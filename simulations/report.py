@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import DataError
+from federation.plots import save_figure
 from federation.storage import atomic_write_bytes
 
 __all__ = ["render_report"]
@@ -59,7 +60,6 @@ def _rounds_plot(run: Path, budget: dict[str, Any]) -> Path:
     """Per-round macro-AUC and ε of every point (one line per seed, one colour per ε)."""
     import matplotlib.pyplot as plt
 
-    from simulations.plots import save_figure
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4), dpi=110)
     cmap = plt.get_cmap("viridis")

@@ -29,6 +29,7 @@ from federation.storage import atomic_write_bytes, atomic_write_json
 from federation.train import TrainConfig, default_lr
 from privacy.policy import SitePolicy
 from simulations.centralised import train_centralised
+from simulations.federated import run_federated
 
 __all__ = ["CHOICES", "Setting", "run_selection"]
 
@@ -138,8 +139,6 @@ def run_selection(data: Path, out: Path, *, epochs: int = 30, seed: int = 0, fed
 
 def _federated_head(data: Path, out: Path, *, rounds: int, seed: int, size: int,
                     on_candidate: Callable[[str, float], None] | None) -> list[dict[str, Any]]:
-    from simulations.federated import run_federated
-
     rows = []
     for head in (HeadKind.FLATTEN, HeadKind.GAP):
         folder = out / f"federated-head-{head}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from federation.cli import app
+from simulations.cli import app
 
 VERBS = ("phantoms", "train", "evaluate", "scan", "simulate", "local", "budget", "invert", "report", "leakage",
          "select", "policy")
@@ -64,7 +64,7 @@ def test_a_missing_data_folder_is_a_clean_error(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "federation.cli", "train", "--data",
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli.main", "train", "--data",
                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--epochs", "1"],
                           capture_output=True, text=True, timeout=120)
 

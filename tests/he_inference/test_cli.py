@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from federation.cli import app
 from federation.model import ArchConfig, HeadKind, build_model
 from federation.storage import save_checkpoint
+from simulations.cli import app
 
 CLASSES = ["normal", "cyst", "tumour"]
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from federation.cli import app
 from federation.model import ArchConfig, HeadKind, PolyAct, build_model
 from federation.storage import save_checkpoint
 from he_inference.check import compile_checkpoint, read_image
@@ -23,6 +22,7 @@ from he_inference.compiler import compile_model
 from he_inference.keys import SecretKeys
 from he_inference.server import encrypt_image
 from he_inference.service import start_service
+from simulations.cli import app
 
 CLASSES = ["normal", "cyst", "tumour"]
 OCTET = {"content-type": "application/octet-stream"}
@@ -130,7 +130,7 @@ def test_eight_concurrent_classifications_all_succeed(service) -> None:  # type:
 
 @pytest.mark.slow
 def test_the_service_over_tls_answers_only_clients_that_trust_its_ca(tmp_path: Path) -> None:
-    from federation.deploy import make_certs
+    from federation.pki import make_certs
 
     model = build_model(ArchConfig(input_size=16, channels=(2,), head=HeadKind.FLATTEN), seed=9).eval()
     save_checkpoint(tmp_path / "m.pt", model, meta={"classes": CLASSES, "preprocess": {"size": 16}})

@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from federation.errors import ConfigError, DataError
-from privacy.keyed import BlockKey, adapt_to_key, apply_key, invert_key, recover_key, train_tier
-from privacy.leakage import measure_leakage, phash_distance, render_bytes
+from federation.errors import ConfigError, DataError, UnsupportedLayerError
+from federation.ingest import Preprocess, load_dataset
+from federation.model import INPUT_MEAN, INPUT_STD, ArchConfig, HeadKind, build_model
+from he_inference.ir import trace
+from privacy.keyed import BlockKey, adapt_to_key, apply_key, invert_key, recover_key
+from privacy.leakage import phash_distance, render_bytes
+from simulations.audits import measure_leakage
+from simulations.cli import app
+from simulations.keyed_tier import train_tier
 
 
 def test_transform_is_a_keyed_block_local_bijection(tmp_path: Path) -> None:
@@ -88,10 +94,6 @@ def test_tier_trains_three_models_and_leakage_separates_encryption_from_transfor
 
 def test_block_adaptation_can_undo_the_key_exactly_and_he_refuses_it() -> None:
     """The adaptation layer set to the key's inverse makes the keyed model equal the plain one."""
-    from federation.errors import UnsupportedLayerError
-    from federation.model import INPUT_MEAN, INPUT_STD, ArchConfig, HeadKind, build_model
-    from he_inference.ir import trace
-
     key = BlockKey.generate(4)
     plain = build_model(ArchConfig(input_size=16, head=HeadKind.FLATTEN), seed=0).eval()
     keyed = build_model(ArchConfig(input_size=16, head=HeadKind.FLATTEN, adapt_block=4), seed=0).eval()
@@ -128,8 +130,6 @@ def test_block_adaptation_can_undo_the_key_exactly_and_he_refuses_it() -> None:
 
 def test_one_transformed_slice_gives_away_the_key(tiny_federation: Path) -> None:
     """The key-free jigsaw fit recovers permutation and flips exactly from one phantom slice, not from noise."""
-    from federation.ingest import Preprocess, load_dataset
-
     slices = load_dataset(tiny_federation / "test", preprocess=Preprocess(size=32)).images
     for i, block in enumerate((4, 4, 4, 2, 2)):
         key = BlockKey.generate(block)
@@ -150,7 +150,6 @@ def test_one_transformed_slice_gives_away_the_key(tiny_federation: Path) -> None
 def test_keyed_cli_keygen_and_train(tiny_federation: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from federation.cli import app
 
     runner = CliRunner()
     key = str(tmp_path / "block.key")

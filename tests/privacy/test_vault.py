@@ -17,6 +17,7 @@ from privacy.vault import (
     put_file,
     rotate_key,
 )
+from simulations.cli import app
 
 
 @pytest.fixture
@@ -120,7 +121,6 @@ def test_keyring_refuses_overwrite_and_bad_files(tmp_path: Path) -> None:
 def test_vault_cli_round_trip(tmp_path: Path, tiny_federation: Path) -> None:
     from typer.testing import CliRunner
 
-    from federation.cli import app
 
     runner = CliRunner()
     ring, vault = str(tmp_path / "s.key"), str(tmp_path / "v")

@@ -12,7 +12,8 @@ import pytest
 
 from federation.errors import ConfigError, DataError
 from federation.storage import atomic_write_json
-from privacy.inversion import InversionConfig, run_inversion_audit
+from privacy.inversion import InversionConfig
+from simulations.audits import run_inversion_audit
 from simulations.budget import (
     AUDIT_VERSION,
     SweepConfig,

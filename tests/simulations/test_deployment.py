@@ -9,9 +9,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from federation.deploy import LocalFederation, make_certs
 from federation.errors import ConfigError
+from federation.pki import make_certs
 from federation.storage import load_checkpoint
+from simulations.deployment import LocalFederation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,8 +39,8 @@ def test_certs_chain_to_the_ca_name_the_hosts_and_keep_private_keys_private(tmp_
 def test_a_dp_secagg_run_completes_on_a_tls_authenticated_federation(tiny_federation: Path, tmp_path: Path) -> None:
     sites = {s: tiny_federation / s for s in ("site-1", "site-2")}
     out = tmp_path / "run"
-    with LocalFederation(tmp_path / "fed", sites, port=9390) as fed:
-        intruder = fed.supernode("unregistered", tiny_federation / "site-1", port=9399)  # key never registered
+    with LocalFederation(tmp_path / "fed", sites) as fed:
+        intruder = fed.supernode("unregistered", tiny_federation / "site-1")  # key never registered
         run_id = fed.run(ROOT, f"num-server-rounds=2 image-size=32 batch-size=4 local-epochs=1 dp=true secagg=true "
                                f"secagg-timeout=120 data-dir='{tiny_federation}' out-dir='{out}'")
         status = fed.wait(run_id, timeout=900)

@@ -2,21 +2,36 @@
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from federation.config import RunConfig
 from federation.console import console, out_console, progress_bar
 from federation.errors import PrivradError
+from federation.ingest import Preprocess, SkippedFile, load_dataset
 from federation.model import ArchConfig, HeadKind, ModelKind
-
-if TYPE_CHECKING:
-    from federation.config import RunConfig
-    from simulations.budget import SweepConfig
+from federation.pki import make_certs, write_connection
+from federation.storage import atomic_write_json, load_checkpoint
+from federation.train import EpochStats, TrainConfig, default_lr
+from federation.train import evaluate as evaluate_model
+from he_inference.cli import he_app
+from privacy.inversion import InversionConfig
+from privacy.policy import SitePolicy
+from simulations.audits import run_inversion_audit
+from simulations.budget import SweepConfig, SweepPoint, load_sweep, parse_epsilons, plan, run_sweep
+from simulations.centralised import site_folders, train_centralised
+from simulations.cli.storage import keyed_app, leakage, vault_app
+from simulations.federated import run_federated
+from simulations.local import run_local
+from simulations.phantoms import PhantomConfig, generate_phantoms, public_profile
+from simulations.report import render_report
+from simulations.selection import run_selection
 
 app = typer.Typer(
     name="privrad",
@@ -41,8 +56,6 @@ def phantoms(
                                              "for server-side pretraining; 0 = none.")] = 1500,
 ) -> None:
     """Write synthetic kidney-CT hospitals as real CT DICOM files with labels.csv."""
-    from simulations.phantoms import PhantomConfig, generate_phantoms, public_profile
-
     cfg = PhantomConfig(sites=sites, per_site=per_site, test=test, size=size, seed=seed,
                         difficulty=difficulty, public=public, val=val)
     with progress_bar("info") as bar:
@@ -78,9 +91,6 @@ def train(
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
 ) -> None:
     """Train centrally on all sites pooled (the non-private upper bound) and evaluate."""
-    from federation.train import EpochStats, TrainConfig, default_lr
-    from simulations.centralised import train_centralised
-
     arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head), stem=stem)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr or default_lr(model), seed=seed)
     with progress_bar("info") as bar:
@@ -100,8 +110,6 @@ def train(
 
 
 def _run_config(data: Path, out: Path, **values: object) -> "RunConfig":
-    from federation.config import RunConfig
-
     return RunConfig(data_dir=str(data), out_dir=str(out), **values)  # type: ignore[arg-type]
 
 
@@ -151,9 +159,6 @@ def simulate(
     The run's privacy settings are requests; each site reviews them against its own policy
     and refuses a round that asks for less.
     """
-    from privacy.policy import SitePolicy
-    from simulations.federated import run_federated
-
     cfg = _run_config(data, out, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp, secagg=secagg,
                       epsilon_budget=epsilon_budget, target_epsilon=target_epsilon,
                       noise_multiplier=noise_multiplier, delta=delta, max_grad_norm=max_grad_norm,
@@ -203,8 +208,6 @@ def select(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
 ) -> None:
     """Re-make the model's choices on the validation split (the test set is only reported)."""
-    from simulations.selection import run_selection
-
     with progress_bar("info") as bar:
         task = bar.add_task("candidates", total=None, info="")
         summary = run_selection(data, out, epochs=epochs, seed=seed, federated=federated, rounds=rounds, size=size,
@@ -238,8 +241,6 @@ def policy_init(
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a site privacy policy (the secure default unless loosened explicitly)."""
-    from privacy.policy import SitePolicy
-
     if out.exists() and not force:
         raise typer.BadParameter(f"{out} exists; pass --force to overwrite it", param_hint="--out")
     policy = SitePolicy(dp_required=not allow_no_dp, epsilon_budget=epsilon_budget, delta=delta,
@@ -253,8 +254,6 @@ def policy_init(
 @policy_app.command("show")
 def policy_show(path: Annotated[Path, typer.Argument(help="A policy file.")]) -> None:
     """Validate a policy file and print what it allows."""
-    from privacy.policy import SitePolicy
-
     policy = SitePolicy.load(path)
     table = Table("rule", "value", title=str(path))
     for key, value in policy.to_dict().items():
@@ -283,8 +282,6 @@ def local(
 
     Every site starts from the same initial model as ``privrad simulate`` would.
     """
-    from simulations.local import run_local
-
     cfg = _run_config(data, out, num_server_rounds=rounds, local_epochs=local_epochs, dp=dp,
                       epsilon_budget=epsilon_budget, delta=delta, image_size=size, secagg=False, head=head,
                       public_dir=str(public or ""), pretrain_epochs=pretrain_epochs,
@@ -311,10 +308,6 @@ def evaluate(
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported).")] = False,
 ) -> None:
     """Re-compute AUC/AUPRC/accuracy of a saved model on a labelled data set."""
-    from federation.ingest import Preprocess, load_dataset
-    from federation.storage import atomic_write_json, load_checkpoint
-    from federation.train import evaluate as evaluate_model
-
     ckpt = load_checkpoint(model)
     pre = Preprocess(**ckpt.meta["preprocess"])
     dataset = load_dataset(data, classes=ckpt.meta["classes"], preprocess=pre,
@@ -333,9 +326,6 @@ def scan(
     size: Annotated[int, typer.Option(help="Resize target, as for training.")] = 64,
 ) -> None:
     """Check a data set: how many images load, per class, and which files are skipped and why."""
-    from federation.ingest import Preprocess, SkippedFile, load_dataset
-    from simulations.centralised import site_folders
-
     folders = site_folders(data) or [data]
     test = data / "test"
     if test.is_dir():
@@ -376,8 +366,6 @@ def budget(
                          ] = True,
 ) -> None:
     """Privacy-budget sweep: federated DP runs per target ε × seed, membership audit, plots (resumable)."""
-    from simulations.budget import SweepConfig, SweepPoint, parse_epsilons, plan, run_sweep
-
     cfg = SweepConfig(data=str(data), out=str(out), epsilons=parse_epsilons(epsilons), seeds=seeds,
                       rounds=rounds, local_epochs=local_epochs, holdout=holdout, delta=delta,
                       pretrain_epochs=pretrain_epochs, image_size=size, secagg=secagg, augment=augment)
@@ -432,9 +420,6 @@ def invert(
     restarts: Annotated[int, typer.Option(help="Random restarts; the attacker keeps its best match.")] = 1,
 ) -> None:
     """Gradient-inversion audit of a sweep: plain update, SecAgg+ (masked and aggregate), DP-SGD."""
-    from privacy.inversion import InversionConfig
-    from simulations.budget import load_sweep
-
     cfg = load_sweep(run)
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
@@ -450,8 +435,6 @@ def invert(
 
 def _run_inversion(cfg: "SweepConfig", **kw: Any) -> dict[str, Any]:
     """The gradient-inversion audit of a sweep, one progress bar per setting."""
-    from privacy.inversion import run_inversion_audit
-
     with progress_bar("info") as bar:
         tasks: dict[str, Any] = {}
 
@@ -479,8 +462,6 @@ def report(
     out: Annotated[Path | None, typer.Option(help="HTML file to write (default RUN/report.html).")] = None,
 ) -> None:
     """Render a self-contained HTML report (settings, tables, inlined plots) of a sweep or a run."""
-    from simulations.report import render_report
-
     path = render_report(run, out)
     out_console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
@@ -516,8 +497,6 @@ def deploy_certs(
     force: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
 ) -> None:
     """A private CA, the SuperLink's TLS certificate, and an ECDSA key pair per SuperNode."""
-    from federation.deploy import make_certs
-
     certs = make_certs(out, sites=site, hosts=host, days=days, overwrite=force)
     out_console.print(f"CA {certs.ca_cert}; SuperLink {certs.superlink_cert} (SANs: {', '.join(host)}); "
                       f"SuperNode keys: " + ", ".join(f"{s} → {k[0]}" for s, k in certs.site_keys.items()))
@@ -534,33 +513,15 @@ def deploy_connection(
                                                         "~/.flwr].")] = None,
 ) -> None:
     """Write a TLS SuperLink connection into Flower's config.toml (made the default)."""
-    import os
-
-    from federation.deploy import write_connection
-
     home = flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     path = write_connection(home, name=name, address=address, ca_cert=ca_cert)
     out_console.print(f"{path}: connection {name!r} → {address} (TLS, CA {ca_cert})")
 
 
-def _add_he() -> None:
-    from he_inference.cli import he_app
-
-    app.add_typer(he_app, name="he")
-
-
-_add_he()
-
-
-def _add_privacy() -> None:
-    from privacy.cli import keyed_app, leakage, vault_app
-
-    app.add_typer(vault_app, name="vault")
-    app.add_typer(keyed_app, name="keyed")
-    app.command("leakage")(leakage)
-
-
-_add_privacy()
+app.add_typer(he_app, name="he")
+app.add_typer(vault_app, name="vault")
+app.add_typer(keyed_app, name="keyed")
+app.command("leakage")(leakage)
 
 
 def main() -> None:

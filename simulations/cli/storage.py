@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,11 @@ import typer
 from rich.table import Table
 
 from federation.console import out_console, progress_bar
+from federation.storage import atomic_write_bytes
+from privacy.keyed import BlockKey
+from privacy.vault import Keyring, VaultError, get_object, list_objects, put_file, rotate_key
+from simulations.audits import measure_leakage
+from simulations.keyed_tier import TIER_MODELS, train_tier
 
 vault_app = typer.Typer(help="Images at rest: de-identified, JPEG 2000 lossless, sealed with AES-256-GCM per site.",
                         no_args_is_help=True)
@@ -20,8 +26,6 @@ KeyringOpt = Annotated[Path, typer.Option(help="The site's keyring file (mode 60
 @vault_app.command("keygen")
 def keygen(keyring: KeyringOpt, site: Annotated[str, typer.Option(help="Site name the keyring belongs to.")]) -> None:
     """Create a site keyring with one fresh AES-256 key (refuses to overwrite)."""
-    from privacy.vault import Keyring
-
     ring = Keyring.create(keyring, site=site)
     out_console.print(f"{keyring}: keyring of {site}, active key {ring.active} (mode 600)")
 
@@ -38,7 +42,6 @@ def put(
     import numpy as np
     import pydicom
 
-    from privacy.vault import Keyring, VaultError, get_object, put_file
 
     ring = Keyring.load(keyring)
     files = [f for p in paths for f in (sorted(p.rglob("*.dcm")) if p.is_dir() else [p])]
@@ -71,11 +74,6 @@ def get(
     uncompressed: Annotated[bool, typer.Option(help="Write Explicit VR Little Endian instead of JPEG 2000.")] = False,
 ) -> None:
     """Open one object (authenticated, pixels verified) and write it as a DICOM file."""
-    import io
-
-    from federation.storage import atomic_write_bytes
-    from privacy.vault import Keyring, get_object
-
     ds, meta = get_object(vault, object_id, Keyring.load(keyring))
     if uncompressed:
         ds.decompress()
@@ -88,8 +86,6 @@ def get(
 @vault_app.command("list")
 def list_(vault: VaultOpt) -> None:
     """Object headers: id, site, key, sizes (no key needed: headers hold no patient data)."""
-    from privacy.vault import list_objects
-
     table = Table("object", "site", "key", "created", "original B", "sealed B")
     n = original = sealed = 0
     for info in list_objects(vault):
@@ -105,8 +101,6 @@ def list_(vault: VaultOpt) -> None:
 @vault_app.command("rotate-key")
 def rotate(vault: VaultOpt, keyring: KeyringOpt) -> None:
     """Re-seal every object of the keyring's site under a new key, then retire the old one (resumable)."""
-    from privacy.vault import Keyring, list_objects, rotate_key
-
     ring = Keyring.load(keyring)
     total = sum(1 for i in list_objects(vault) if i.site == ring.site)
     with progress_bar() as bar:
@@ -125,8 +119,6 @@ def keyed_keygen(
     block: Annotated[int, typer.Option(help="Block side in pixels (the model's block-adaptation size).")] = 4,
 ) -> None:
     """Draw a fresh block key (permutation and flips) from the OS's CSPRNG."""
-    from privacy.keyed import BlockKey
-
     k = BlockKey.generate(block)
     k.save(key)
     out_console.print(f"{key}: block {block}, key id {k.key_id}")
@@ -143,8 +135,6 @@ def keyed_train(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
 ) -> None:
     """Train the keyed-transform Approx-CNN beside plain references; print AUC and latency per image."""
-    from privacy.keyed import TIER_MODELS, BlockKey, train_tier
-
     k = BlockKey.load(key)
     with progress_bar() as bar:
         tasks = {name: bar.add_task(f"train {name}", total=epochs) for name in TIER_MODELS}
@@ -172,9 +162,6 @@ def leakage(
     n: Annotated[int, typer.Option(help="Slices to measure.")] = 200,
 ) -> None:
     """SSIM, PSNR and perceptual-hash distance between slices and what an attacker holds, per tier."""
-    from privacy.keyed import BlockKey
-    from privacy.leakage import measure_leakage
-
     with progress_bar() as bar:
         task = bar.add_task("measure", total=n)
         result = measure_leakage(test, model_path=model, key=BlockKey.load(key), out=out, n=n,

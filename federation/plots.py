@@ -1,9 +1,15 @@
-"""Plots of a privacy-budget sweep: utility and membership leakage versus ε, attack ROC curves."""
+"""Every figure privrad draws, each written atomically as PNG by :func:`save_figure`.
+
+Training curves (AUC and ε per round), the privacy-budget sweep (utility and membership
+leakage versus ε, attack ROC curves), gradient-inversion panels and the leakage panel of
+protected storage. Inputs are plain records and tensors, so any layer may draw.
+"""
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +17,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from federation.storage import atomic_write_bytes
 
-__all__ = ["plot_audit_roc", "plot_budget", "save_figure"]
+__all__ = ["plot_audit_roc", "plot_budget", "plot_inversion", "plot_leakage", "plot_rounds", "save_figure"]
 
 ATTACK_STYLE = {"loss": ("tab:orange", "o", "loss attack"), "calibrated": ("tab:red", "s", "calibrated attack")}
 
@@ -135,5 +143,76 @@ def plot_audit_roc(audit: dict[str, Any], path: Path) -> None:
     ax.set_title("membership attack ROC (calibrated, seed 0)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str,
+                initial_auc: float | None = None) -> None:
+    """AUC and ε per round (round 0: the initial model), two axes."""
+    r = [row["round"] for row in rounds]
+    auc = [row["auc_macro"] for row in rounds]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if initial_auc is not None:
+        ax.plot(0, initial_auc, "D", color="tab:gray", label="initial model")
+        ax.plot([0, r[0]], [initial_auc, auc[0]], ":", color="tab:blue")
+    ax.plot(r, auc, "o-", color="tab:blue", label="test macro-AUC")
+    ax.set_xlabel("round")
+    ax.set_ylabel("macro-AUC", color="tab:blue")
+    ax.set_ylim(0.4, 1.0)
+    ax.grid(alpha=0.3)
+    eps = [row.get("epsilon_max", 0.0) for row in rounds]
+    central = [row.get("central_epsilon", 0.0) for row in rounds]
+    if any(eps) or any(central):
+        ax2 = ax.twinx()
+        if any(eps):
+            ax2.plot(r, eps, "s--", color="tab:red", label="max ε per site (DP-SGD, record level)")
+        if any(central):
+            ax2.plot(r, central, "^--", color="tab:purple", label="central ε (site level)")
+        ax2.set_ylabel("ε spent", color="tab:red")
+        ax2.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="lower left", fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_inversion(panel: Sequence[tuple[str, torch.Tensor, torch.Tensor, float, float]], path: Path,
+                   *, columns: int) -> None:
+    """Pairs of rows (true image over the attacker's best reconstruction), ``columns`` settings per pair."""
+    pairs = -(-len(panel) // columns)
+    fig, axes = plt.subplots(2 * pairs, columns, figsize=(2.3 * columns, 2.8 * 2 * pairs), dpi=100,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i, (name, truth, rec, ssim, psnr) in enumerate(panel):
+        top, bottom = axes[2 * (i // columns)][i % columns], axes[2 * (i // columns) + 1][i % columns]
+        top.imshow(truth.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
+        top.set_title(f"{name}\ntrue image", fontsize=8)
+        bottom.imshow(rec.squeeze(0).numpy(), cmap="gray", vmin=0, vmax=1)
+        shown = "∞" if math.isinf(psnr) else f"{psnr:.1f}"
+        bottom.set_title(f"reconstruction\nSSIM {ssim:.3f}, PSNR {shown} dB", fontsize=8)
+    fig.suptitle("gradient inversion against what the server receives (best match per setting)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_leakage(examples: Sequence[dict[str, np.ndarray]], result: dict[str, Any], path: Path,
+                 *, tiers: Sequence[str]) -> None:
+    """One row per slice: the original and what an attacker holds under each storage tier."""
+    cols = ["original", *tiers]
+    fig, axes = plt.subplots(len(examples), len(cols), figsize=(2.2 * len(cols), 2.4 * len(examples)), dpi=100,
+                             squeeze=False)
+    for r, ex in enumerate(examples):
+        for c, name in enumerate(cols):
+            ax = axes[r][c]
+            ax.imshow(ex[name], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                tier = result["tiers"].get(name)
+                extra = f"\nSSIM {tier['ssim']['mean']:.3f}, pHash {tier['phash']['mean']:.0f}" if tier else ""
+                ax.set_title(f"{name}{extra}", fontsize=8)
+    fig.suptitle(f"what an attacker holds, rendered as images (means over {result['slices']} slices)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
