@@ -21,7 +21,7 @@ from aggregator.central_dp import CentralDP
 from federation.config import RunConfig
 from federation.errors import PolicyRefusedError
 from federation.ingest import ImageSet, Preprocess
-from federation.metrics import classification_metrics
+from federation.metrics import ClassificationMetrics, classification_metrics
 from federation.model import build_model, set_weights
 from federation.plots import plot_rounds
 from federation.storage import atomic_write_json, save_checkpoint
@@ -105,11 +105,11 @@ class RunRecorder:
         if self.val is not None:
             val_probs = predict_proba(model, self.val.images)
             val = {"val_auc_macro": classification_metrics(val_probs, self.val.labels.numpy(),
-                                                           self.val.classes)["auc_macro"]}
+                                                           self.val.classes).auc_macro}
         if server_round == 0:
-            self.initial.update(auc_macro=metrics["auc_macro"], auc_per_class=metrics["auc_per_class"], loss=loss,
+            self.initial.update(auc_macro=metrics.auc_macro, auc_per_class=metrics.auc_per_class, loss=loss,
                                 **val)
-            log.info("round 0 (initial model, %s): AUC %.3f", self.initial.get("source"), metrics["auc_macro"])
+            log.info("round 0 (initial model, %s): AUC %.3f", self.initial.get("source"), metrics.auc_macro)
         else:
             aggregated: dict[str, Any] = {"aggregated": True, **self._pending} if self._pending else {
                 "aggregated": False, "sites_contributed": 0}
@@ -121,8 +121,8 @@ class RunRecorder:
                 log.warning("round %d: %d sites refused (%s)", server_round, len(refusals),
                             ", ".join(f"{k} ×{v}" for k, v in rules.items()))
             central = dict(self.central.last) if self.central is not None else {}
-            row = {"round": server_round, "auc_macro": metrics["auc_macro"], "loss": loss,
-                   "accuracy": metrics["accuracy"], **val, **aggregated, **central,
+            row: dict[str, Any] = {"round": server_round, "auc_macro": metrics.auc_macro, "loss": loss,
+                   "accuracy": metrics.accuracy, **val, **aggregated, **central,
                    "seconds": time.perf_counter() - self._start}
             self.rounds.append(row)
             self.privacy_reports += [{"round": server_round, **r} for r in self._reports]
@@ -132,28 +132,28 @@ class RunRecorder:
             row["checkpoint_sha256"] = sha
             self.final = {"model": model, "metrics": metrics}
             self.write()
-            log.info("round %d: AUC %.3f, loss %.3f, eps_max %.2f", server_round, metrics["auc_macro"], loss,
+            log.info("round %d: AUC %.3f, loss %.3f, eps_max %.2f", server_round, metrics.auc_macro, loss,
                      row.get("epsilon_max", 0.0))
-        return loss, {"auc_macro": metrics["auc_macro"], "accuracy": metrics["accuracy"]}
+        return loss, {"auc_macro": metrics.auc_macro, "accuracy": metrics.accuracy}
 
     # -- outputs ------------------------------------------------------------------------------
-    def _meta(self, metrics: dict[str, Any], server_round: int) -> dict[str, Any]:
+    def _meta(self, metrics: ClassificationMetrics, server_round: int) -> dict[str, Any]:
         return {
             "classes": list(self.test.classes),
             "preprocess": dataclasses.asdict(Preprocess(size=self.cfg.image_size)),
             "test_sha256": self.test.digest(),
             "training": {"mode": "federated", "round": server_round, **self.cfg.to_flower()},
-            "metrics": metrics,
+            "metrics": metrics.to_dict(),
         }
 
     def summary(self) -> dict[str, Any]:
         """The content of ``metrics.json``."""
         final: dict[str, Any] = {}
         if self.final:
-            m = self.final["metrics"]
+            m: ClassificationMetrics = self.final["metrics"]
             final = {
-                "auc_macro": m["auc_macro"], "auc_per_class": m["auc_per_class"],
-                "auprc_per_class": m["auprc_per_class"], "accuracy": m["accuracy"],
+                "auc_macro": m.auc_macro, "auc_per_class": m.auc_per_class,
+                "auprc_per_class": m.auprc_per_class, "accuracy": m.accuracy,
                 "epsilon": {s: e.get("epsilon", 0.0) for s, e in sorted(self.sites.items())},
                 "delta": {s: e.get("delta") for s, e in sorted(self.sites.items())},
                 "secagg": self.cfg.secagg, "dp": self.cfg.dp,

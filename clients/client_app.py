@@ -47,6 +47,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from federation.config import Resolve, RunConfig, StrategyKind, as_given
 from federation.errors import ConfigError, PolicyRefusedError
 from federation.ingest import ImageSet, Preprocess, load_dataset
+from federation.ingest import site_name as numbered_site
 from federation.model import NDArrays, build_model, get_weights, set_weights
 from federation.train import TrainConfig, train_epochs
 from privacy.dp import plan_round, private_round
@@ -92,7 +93,7 @@ def site_name(context: Context) -> str:
         return str(node["site"])
     if "data-path" in node:
         return Path(str(node["data-path"])).name
-    return f"site-{int(node['partition-id']) + 1}"
+    return numbered_site(int(node["partition-id"]) + 1)
 
 
 def site_data_path(context: Context, cfg: RunConfig | None = None) -> Path:

@@ -10,7 +10,8 @@ caller can catch the whole family at once and a CLI can print a clean message::
     │   └── LabelError         a label is not in the class list
     ├── ModelError             a model file or architecture is unusable
     ├── PrivacyBudgetError     a step would exceed a privacy budget
-    ├── PolicyRefusedError          a round asks for less privacy than the site's policy allows (names the rule)
+    ├── PolicyRefusedError     a round asks for less privacy than the site's policy allows (names the rule)
+    ├── VaultError             a vault object or keyring cannot be used: tampered, truncated, wrong key, unknown id
     └── HEError                encrypted inference cannot go on
         ├── UnsupportedLayerError  a layer has no CKKS equivalent (names the layer and why)
         ├── DepthError             the network is deeper than any 128-bit ring allows
@@ -92,6 +93,10 @@ class PolicyRefusedError(PrivradError):
         """The rule a refusal's message (e.g. an error reply's reason) names; ``None`` if it is no refusal."""
         match = cls._FORMAT.search(text)
         return match.group(1) if match else None
+
+
+class VaultError(PrivradError):
+    """A vault object or keyring cannot be used: tampered, truncated, wrong key, unknown id."""
 
 
 class HEError(PrivradError):

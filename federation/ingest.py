@@ -444,3 +444,23 @@ def concat(sets: Iterable[ImageSet]) -> ImageSet:
         files=tuple(f for s in sets for f in s.files),
         skipped=tuple(k for s in sets for k in s.skipped),
     )
+
+
+SITE_PREFIX = "site-"
+"""A federation data folder holds one ``site-K`` folder per hospital, K = 1, 2, …"""
+
+
+def site_name(k: int) -> str:
+    """The folder (and site) name of the ``k``-th hospital, counted from 1."""
+    if k < 1:
+        raise ConfigError(f"sites are counted from 1, got {k}")
+    return f"{SITE_PREFIX}{k}"
+
+
+def site_folders(data: Path) -> list[Path]:
+    """The ``site-K`` folders of a federation data folder, in site order."""
+    def order(p: Path) -> int:
+        tail = p.name.removeprefix(SITE_PREFIX)
+        return int(tail) if tail.isdigit() else 0
+
+    return sorted((p for p in Path(data).glob(f"{SITE_PREFIX}*") if p.is_dir()), key=order)

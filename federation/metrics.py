@@ -5,20 +5,37 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["classification_metrics"]
+__all__ = ["ClassificationMetrics", "classification_metrics"]
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ClassificationMetrics:
+    """One-vs-rest AUC/AUPRC per class (``None``: the class is absent), their macro mean, accuracy, count."""
+
+    auc_macro: float
+    auc_per_class: dict[str, float | None]
+    auprc_per_class: dict[str, float | None]
+    accuracy: float
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (``metrics.json``, checkpoint metadata): the fields by name."""
+        return {"auc_macro": self.auc_macro, "auc_per_class": dict(self.auc_per_class),
+                "auprc_per_class": dict(self.auprc_per_class), "accuracy": self.accuracy, "n": self.n}
+
+
 def classification_metrics(
     probs: npt.NDArray[np.floating[Any]], labels: npt.NDArray[np.integer[Any]], classes: Sequence[str]
-) -> dict[str, Any]:
+) -> ClassificationMetrics:
     """One-vs-rest AUC/AUPRC per class, their macro mean, and accuracy.
 
     A class absent from ``labels`` has no defined AUC: it is reported as ``None`` and
@@ -26,7 +43,7 @@ def classification_metrics(
 
     Returns
     -------
-    dict
+    ClassificationMetrics
         ``auc_macro``, ``auc_per_class``, ``auprc_per_class``, ``accuracy``, ``n``.
     """
     probs = np.asarray(probs, dtype=np.float64)
@@ -45,10 +62,6 @@ def classification_metrics(
         auc[name] = float(roc_auc_score(positive, probs[:, k]))
         auprc[name] = float(average_precision_score(positive, probs[:, k]))
     defined = [v for v in auc.values() if v is not None]
-    return {
-        "auc_macro": float(np.mean(defined)) if defined else math.nan,
-        "auc_per_class": auc,
-        "auprc_per_class": auprc,
-        "accuracy": float((probs.argmax(axis=1) == labels).mean()),
-        "n": int(labels.shape[0]),
-    }
+    return ClassificationMetrics(auc_macro=float(np.mean(defined)) if defined else math.nan, auc_per_class=auc,
+                   auprc_per_class=auprc, accuracy=float((probs.argmax(axis=1) == labels).mean()),
+                   n=int(labels.shape[0]))

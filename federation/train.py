@@ -6,7 +6,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from federation.errors import ConfigError
 from federation.ingest import ImageSet
-from federation.metrics import classification_metrics
+from federation.metrics import ClassificationMetrics, classification_metrics
 from federation.model import ModelKind
 
 __all__ = [
@@ -138,7 +137,8 @@ class ProximalTerm:
                     p.grad.add_(p - a, alpha=self.mu)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image of the batch mirrored left-right with probability 1/2 (draws from ``gen``)."""
     flip = torch.rand(x.shape[0], generator=gen) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
@@ -168,7 +168,7 @@ def train_epochs(
         start, total, count = time.perf_counter(), 0.0, 0
         for x, y in loader:
             if config.augment:
-                x = _augment(x, gen)
+                x = random_flip(x, gen)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             if not math.isfinite(loss.item()):
@@ -197,6 +197,6 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, batch_size: int = 2
     return torch.cat(out).double().numpy()
 
 
-def evaluate(model: nn.Module, data: ImageSet) -> dict[str, Any]:
-    """Metrics of :func:`federation.metrics.classification_metrics` on ``data``."""
+def evaluate(model: nn.Module, data: ImageSet) -> ClassificationMetrics:
+    """ClassificationMetrics of :func:`federation.metrics.classification_metrics` on ``data``."""
     return classification_metrics(predict_proba(model, data.images), data.labels.numpy(), data.classes)

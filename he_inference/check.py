@@ -131,7 +131,7 @@ def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
         raise HEError("decrypted logits are not finite: CKKS overflow (re-compile with more headroom)")
     err = np.abs(he_logits - plain)
     classes = list(model.classes) or [str(c) for c in range(plain.shape[1])]
-    report = {
+    report: dict[str, Any] = {
         "n": n, "workers": workers,
         "argmax_agreement": float(np.mean(he_logits.argmax(1) == plain.argmax(1))),
         "max_abs_logit_err": float(err.max()),
@@ -143,8 +143,8 @@ def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
         "server_s_median": statistics.median(t.server_seconds for t in trips),
         "upload_bytes": max(t.upload_bytes for t in trips), "download_bytes": max(t.download_bytes for t in trips),
         "eval_key_bytes": len(keys.public_bytes()),
-        "auc_macro_plain": classification_metrics(softmax(plain), labels, classes)["auc_macro"],
-        "auc_macro_he": classification_metrics(softmax(he_logits), labels, classes)["auc_macro"],
+        "auc_macro_plain": classification_metrics(softmax(plain), labels, classes).auc_macro,
+        "auc_macro_he": classification_metrics(softmax(he_logits), labels, classes).auc_macro,
         "ckks": {"poly_degree": model.params.poly_degree, "coeff_bits": list(model.params.coeff_bits),
                  "scale_bits": model.params.scale_bits, "depth": model.plan.depth,
                  "rotation_steps": len(model.plan.steps), "masks": len(model.plan.masks)},

@@ -34,7 +34,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from federation.errors import ModelError, PolicyRefusedError, PrivacyBudgetError
 from federation.ingest import ImageSet
-from federation.train import ProximalTerm, TrainConfig, make_optimizer
+from federation.train import ProximalTerm, TrainConfig, make_optimizer, random_flip
 from privacy.ledger import LedgerEntry, PrivacyLedger, StepSet, epsilon_of, merge_step_sets, noise_for_remaining
 from privacy.policy import RoundRequest, Rule, SitePolicy, review
 
@@ -235,8 +235,7 @@ def train_dp_round(
             for _ in range(train.epochs):
                 for x, y in loader:
                     if train.augment and len(x):
-                        flip = torch.rand(x.shape[0], generator=augment_gen) < 0.5
-                        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                        x = random_flip(x, augment_gen)
                     dp_opt.zero_grad(set_to_none=True)
                     if len(x):
                         loss = loss_fn(gsm(x), y)

@@ -44,7 +44,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from federation.errors import DataError, PrivradError
+from federation.errors import DataError, VaultError
 from federation.storage import atomic_write_bytes
 
 __all__ = [
@@ -71,10 +71,6 @@ KEEP = (
     "PixelRepresentation", "RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth",
 )
 """Attributes a vault object keeps; everything else (private tags included) is dropped."""
-
-
-class VaultError(PrivradError):
-    """A vault object or keyring cannot be used: tampered, truncated, wrong key, unknown id."""
 
 
 # ----------------------------------------------------------------------------- de-identification

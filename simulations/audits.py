@@ -20,7 +20,7 @@ import torch
 
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError
-from federation.ingest import Preprocess, concat, load_dataset
+from federation.ingest import Preprocess, concat, load_dataset, site_folders
 from federation.plots import plot_inversion, plot_leakage
 from federation.storage import atomic_write_json, load_checkpoint
 from he_inference.check import compile_checkpoint
@@ -40,7 +40,6 @@ from privacy.keyed import BlockKey, apply_key, invert_key, recover_key
 from privacy.leakage import TIERS, phash_distance, render_bytes
 from privacy.vault import Keyring, put_file
 from simulations.budget import SweepConfig
-from simulations.centralised import site_folders
 
 __all__ = ["measure_leakage", "run_inversion_audit"]
 

@@ -47,14 +47,13 @@ import numpy as np
 from aggregator.initial import initial_model
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
-from federation.ingest import Preprocess, concat, load_dataset
+from federation.ingest import Preprocess, concat, load_dataset, site_folders
 from federation.model import PrivradCNN
 from federation.plots import plot_audit_roc, plot_budget
 from federation.storage import atomic_write_json, load_checkpoint, save_checkpoint
 from federation.train import TrainConfig, evaluate, train_epochs
 from privacy.membership import LOW_FPRS, dp_tpr_bound, membership_audit
 from privacy.policy import SitePolicy
-from simulations.centralised import site_folders
 
 __all__ = ["SweepConfig", "SweepPoint", "aggregate", "load_sweep", "parse_epsilons", "plan", "run_sweep",
            "split_members"]
@@ -259,7 +258,7 @@ def _initial_model(cfg: SweepConfig, seed: int) -> Path:
                         batch_size=cfg.batch_size, pretrain_epochs=cfg.pretrain_epochs)
     init = initial_model(run_cfg)
     test = load_dataset(cfg.run / "data" / "test", preprocess=Preprocess(size=cfg.image_size))
-    metrics = evaluate(init.model, test)
+    metrics = evaluate(init.model, test).to_dict()
     save_checkpoint(path, init.model, meta={"classes": list(test.classes), "initial": str(init.kind),
                                             "metrics": metrics, **_plain(init.info)})
     return path
@@ -362,12 +361,12 @@ def run_centralised(cfg: SweepConfig, seed: int, *, audit_sets: tuple[Any, Any])
     train = TrainConfig(epochs=cfg.rounds * cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
                         augment=cfg.augment, seed=seed)
     start = time.perf_counter()
-    initial_auc = evaluate(reference, test)["auc_macro"]
+    initial_auc = evaluate(reference, test).auc_macro
     train_epochs(model, members, config=train)
     metrics = evaluate(model, test)
     attacks = membership_audit(model, *audit_sets, reference=reference)
-    result = {"seed": seed, "auc_macro": metrics["auc_macro"], "auc_per_class": metrics["auc_per_class"],
-              "accuracy": metrics["accuracy"], "initial_auc_macro": initial_auc, "epochs": train.epochs,
+    result = {"seed": seed, "auc_macro": metrics.auc_macro, "auc_per_class": metrics.auc_per_class,
+              "accuracy": metrics.accuracy, "initial_auc_macro": initial_auc, "epochs": train.epochs,
               "train_images": len(members),
               "membership": {k: v.to_dict() for k, v in attacks.items()}, "audit_version": AUDIT_VERSION,
               "seconds": time.perf_counter() - start}

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from federation.errors import DataError
-from federation.ingest import ErrorPolicy, ImageSet, Preprocess, concat, load_dataset
+from federation.ingest import ErrorPolicy, ImageSet, Preprocess, concat, load_dataset, site_folders
+from federation.metrics import ClassificationMetrics
 from federation.model import ArchConfig, build_model
 from federation.storage import atomic_write_json, save_checkpoint
 from federation.train import EpochStats, TrainConfig, evaluate, train_epochs
@@ -19,12 +19,6 @@ from federation.train import EpochStats, TrainConfig, evaluate, train_epochs
 __all__ = ["CentralisedResult", "load_training_data", "train_centralised"]
 
 log = logging.getLogger(__name__)
-
-
-def site_folders(data: Path) -> list[Path]:
-    """The ``site-K`` folders of a federation data folder, in site order."""
-    sites = [p for p in Path(data).glob("site-*") if p.is_dir()]
-    return sorted(sites, key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else 0)
 
 
 def load_training_data(
@@ -41,7 +35,8 @@ def load_training_data(
 class CentralisedResult:
     """What a centralised run produced."""
 
-    metrics: dict[str, Any]
+    metrics: ClassificationMetrics
+    val_auc_macro: float | None
     history: list[EpochStats]
     model_path: Path
     model_sha256: str
@@ -75,9 +70,9 @@ def train_centralised(
     model = build_model(arch, seed=train.seed)
     history = train_epochs(model, train_set, config=train, on_epoch=on_epoch)
     metrics = evaluate(model, test_set)
-    if val is not None:
-        metrics["val_auc_macro"] = evaluate(model, load_dataset(val, classes=train_set.classes, preprocess=pre,
-                                                                on_error=on_error))["auc_macro"]
+    val_auc = None if val is None else evaluate(model, load_dataset(val, classes=train_set.classes,
+                                                                    preprocess=pre, on_error=on_error)).auc_macro
+    record = {**metrics.to_dict(), **({} if val_auc is None else {"val_auc_macro": val_auc})}
     meta = {
         "classes": list(train_set.classes),
         "preprocess": dataclasses.asdict(pre),
@@ -85,14 +80,14 @@ def train_centralised(
         "train_images": len(train_set),
         "test_sha256": test_set.digest(),
         "training": {"mode": "centralised", **dataclasses.asdict(train)},
-        "metrics": metrics,
+        "metrics": record,
     }
     out.mkdir(parents=True, exist_ok=True)
     sha = save_checkpoint(out / "model.pt", model, meta=meta)
     seconds = time.perf_counter() - start
     skipped = len(train_set.skipped) + len(test_set.skipped)
     atomic_write_json(out / "metrics.json", {
-        **metrics,
+        **record,
         "model": str(arch.kind),
         "arch": arch.to_dict(),
         "epochs": [dataclasses.asdict(h) for h in history],
@@ -101,4 +96,4 @@ def train_centralised(
         "model_sha256": sha,
         "seconds": seconds,
     })
-    return CentralisedResult(metrics, history, out / "model.pt", sha, len(train_set), skipped, seconds)
+    return CentralisedResult(metrics, val_auc, history, out / "model.pt", sha, len(train_set), skipped, seconds)

@@ -19,8 +19,8 @@ from aggregator.server_app import make_server_app
 from clients.client_app import Policies, make_client_app
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError
+from federation.ingest import site_folders
 from privacy.policy import SitePolicy
-from simulations.centralised import site_folders
 
 __all__ = ["FederatedResult", "run_federated"]
 

@@ -87,11 +87,11 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
         k = key if arch.adapt_block > 1 else None
         latency = latency_per_image(model, test_set.images, key=k)
         save_checkpoint(out / f"{name}.pt", model, meta={
-            "classes": list(test_set.classes), "preprocess": dataclasses.asdict(pre), "metrics": metrics,
+            "classes": list(test_set.classes), "preprocess": dataclasses.asdict(pre), "metrics": metrics.to_dict(),
             "keyed_transform": {"key_id": key.key_id, "block": key.block} if k else None,
             "training": {"mode": f"keyed-tier/{name}", **dataclasses.asdict(config)}})
-        results["models"][name] = {"auc_macro": metrics["auc_macro"], "auc_per_class": metrics["auc_per_class"],
-                                   "accuracy": metrics["accuracy"], "latency_s_per_image": latency,
+        results["models"][name] = {"auc_macro": metrics.auc_macro, "auc_per_class": metrics.auc_per_class,
+                                   "accuracy": metrics.accuracy, "latency_s_per_image": latency,
                                    "train_seconds": time.perf_counter() - start, "adapt_block": arch.adapt_block}
     atomic_write_json(out / "tier.json", results)
     return results

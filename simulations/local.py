@@ -14,13 +14,12 @@ import numpy as np
 from aggregator.initial import initial_model
 from federation.config import RunConfig
 from federation.errors import DataError
-from federation.ingest import Preprocess, load_dataset
+from federation.ingest import Preprocess, load_dataset, site_folders
 from federation.storage import atomic_write_json, save_checkpoint
 from federation.train import TrainConfig, evaluate, train_epochs
 from privacy.dp import private_round
 from privacy.ledger import PrivacyLedger
 from privacy.policy import RoundRequest, SitePolicy
-from simulations.centralised import site_folders
 
 __all__ = ["run_local"]
 
@@ -48,7 +47,7 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
     results: dict[str, Any] = {}
     start = time.perf_counter()
     init = initial_model(cfg)
-    initial = {"source": str(init.kind), **init.info, **evaluate(init.model, test)}
+    initial = {"source": str(init.kind), **init.info, **evaluate(init.model, test).to_dict()}
     for folder in sites:
         site_data = load_dataset(folder, preprocess=pre)
         model = copy.deepcopy(init.model)
@@ -68,7 +67,7 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
             entry.update(epsilon=eps, delta=ledger.delta, noise_multiplier=result.step_set[0])
         else:
             train_epochs(model, site_data, config=train)
-        metrics = evaluate(model, test)
+        metrics = evaluate(model, test).to_dict()
         entry.update(metrics)
         save_checkpoint(out / folder.name / "model.pt", model, meta={
             "classes": list(test.classes), "preprocess": dataclasses.asdict(pre),

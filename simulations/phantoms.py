@@ -37,6 +37,7 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from federation.errors import ConfigError
+from federation.ingest import site_name
 from federation.model import CLASSES
 
 __all__ = [
@@ -143,7 +144,7 @@ def site_profiles(config: PhantomConfig) -> list[SiteProfile]:
         mix = 0.4 / len(CLASSES) + 0.6 * skew  # every class present at every site
         profiles.append(
             SiteProfile(
-                name=f"site-{k + 1}",
+                name=site_name(k + 1),
                 class_mix=(float(mix[0]), float(mix[1]), float(mix[2])),
                 noise_hu=float(rng.uniform(12.0, 28.0)),
                 offset_hu=float(rng.uniform(-20.0, 20.0)),

@@ -102,7 +102,9 @@ def run_selection(data: Path, out: Path, *, epochs: int = 30, seed: int = 0, fed
         if setting not in trained:
             result = train_centralised(data, test=data / "test", val=data / "val", out=out / setting.name,
                                        arch=setting.arch, train=TrainConfig(epochs=epochs, lr=setting.lr, seed=seed))
-            trained[setting] = {"val": result.metrics["val_auc_macro"], "test": result.metrics["auc_macro"]}
+            if result.val_auc_macro is None:
+                raise DataError(data / "val", "is missing: choices are made on the validation split")
+            trained[setting] = {"val": result.val_auc_macro, "test": result.metrics.auc_macro}
             if on_candidate is not None:
                 on_candidate(setting.name, trained[setting]["val"])
         return trained[setting]

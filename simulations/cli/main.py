@@ -14,7 +14,8 @@ from rich.table import Table
 from federation.config import RunConfig
 from federation.console import console, out_console, progress_bar
 from federation.errors import PrivradError
-from federation.ingest import Preprocess, SkippedFile, load_dataset
+from federation.ingest import Preprocess, SkippedFile, load_dataset, site_folders
+from federation.metrics import ClassificationMetrics
 from federation.model import ArchConfig, HeadKind, ModelKind
 from federation.pki import make_certs, write_connection
 from federation.storage import atomic_write_json, load_checkpoint
@@ -25,7 +26,7 @@ from privacy.inversion import InversionConfig
 from privacy.policy import SitePolicy
 from simulations.audits import run_inversion_audit
 from simulations.budget import SweepConfig, SweepPoint, load_sweep, parse_epsilons, plan, run_sweep
-from simulations.centralised import site_folders, train_centralised
+from simulations.centralised import train_centralised
 from simulations.cli.storage import keyed_app, leakage, vault_app
 from simulations.federated import run_federated
 from simulations.local import run_local
@@ -314,9 +315,9 @@ def evaluate(
                            on_error="skip" if skip_bad else "raise")
     metrics = evaluate_model(ckpt.model, dataset)
     _print_metrics(metrics, title=f"{model} on {data}")
-    out_console.print_json(json.dumps(metrics))
+    out_console.print_json(json.dumps(metrics.to_dict()))
     if out is not None:
-        atomic_write_json(out, metrics)
+        atomic_write_json(out, metrics.to_dict())
 
 
 @app.command()
@@ -466,21 +467,18 @@ def report(
     out_console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
-def _print_metrics(metrics: dict[str, object], *, title: str) -> None:
+def _print_metrics(metrics: ClassificationMetrics, *, title: str) -> None:
     table = Table(title=title)
     table.add_column("class")
     table.add_column("AUC")
     table.add_column("AUPRC")
-    auc = metrics["auc_per_class"]
-    auprc = metrics["auprc_per_class"]
-    assert isinstance(auc, dict)
-    assert isinstance(auprc, dict)
+    auc, auprc = metrics.auc_per_class, metrics.auprc_per_class
     for name in auc:
         a, p = auc[name], auprc[name]
         table.add_row(name, "n/a" if a is None else f"{a:.3f}", "n/a" if p is None else f"{p:.3f}")
-    table.add_row("[bold]macro", f"[bold]{metrics['auc_macro']:.3f}", "")
+    table.add_row("[bold]macro", f"[bold]{metrics.auc_macro:.3f}", "")
     out_console.print(table)
-    out_console.print(f"accuracy {metrics['accuracy']:.3f} on {metrics['n']} images")
+    out_console.print(f"accuracy {metrics.accuracy:.3f} on {metrics.n} images")
 
 
 deploy_app = typer.Typer(help="Run the federation across hospitals: certificates and SuperLink connections.",

@@ -10,9 +10,10 @@ import typer
 from rich.table import Table
 
 from federation.console import out_console, progress_bar
+from federation.errors import VaultError
 from federation.storage import atomic_write_bytes
 from privacy.keyed import BlockKey
-from privacy.vault import Keyring, VaultError, get_object, list_objects, put_file, rotate_key
+from privacy.vault import Keyring, get_object, list_objects, put_file, rotate_key
 from simulations.audits import measure_leakage
 from simulations.keyed_tier import TIER_MODELS, train_tier
 

@@ -26,10 +26,10 @@ def test_auc_per_class_matches_the_pairwise_definition() -> None:
     m = classification_metrics(probs, labels, CLASSES)
 
     for k, name in enumerate(CLASSES):
-        assert m["auc_per_class"][name] == pytest.approx(_auc_by_pairs(probs[:, k], labels == k), abs=AUC_TOL)
-    assert m["auc_macro"] == pytest.approx(np.mean(list(m["auc_per_class"].values())), abs=AUC_TOL)
-    assert m["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
-    assert m["n"] == 60
+        assert m.auc_per_class[name] == pytest.approx(_auc_by_pairs(probs[:, k], labels == k), abs=AUC_TOL)
+    assert m.auc_macro == pytest.approx(np.mean(list(m.auc_per_class.values())), abs=AUC_TOL)
+    assert m.accuracy == pytest.approx(float((probs.argmax(1) == labels).mean()))
+    assert m.n == 60
 
 
 def test_a_perfect_classifier_scores_one_everywhere() -> None:
@@ -37,9 +37,9 @@ def test_a_perfect_classifier_scores_one_everywhere() -> None:
 
     m = classification_metrics(np.eye(3)[labels], labels, CLASSES)
 
-    assert m["auc_macro"] == 1.0
-    assert m["accuracy"] == 1.0
-    assert set(m["auprc_per_class"].values()) == {1.0}
+    assert m.auc_macro == 1.0
+    assert m.accuracy == 1.0
+    assert set(m.auprc_per_class.values()) == {1.0}
 
 
 def test_an_absent_class_has_no_auc_and_is_left_out_of_the_mean() -> None:
@@ -48,8 +48,8 @@ def test_an_absent_class_has_no_auc_and_is_left_out_of_the_mean() -> None:
 
     m = classification_metrics(probs, labels, CLASSES)
 
-    assert m["auc_per_class"]["tumour"] is None
-    assert m["auc_macro"] == 1.0
+    assert m.auc_per_class["tumour"] is None
+    assert m.auc_macro == 1.0
 
 
 def test_mismatched_shapes_are_refused() -> None:
