@@ -24,6 +24,7 @@ from federation.ingest import ImageSet, Preprocess
 from federation.metrics import ClassificationMetrics, classification_metrics
 from federation.model import build_model, set_weights
 from federation.plots import plot_rounds
+from federation.records import FitMetric
 from federation.storage import atomic_write_json, save_checkpoint
 from federation.train import predict_proba
 
@@ -78,15 +79,16 @@ class RunRecorder:
 
     def aggregate_fit_metrics(self, results: Sequence[tuple[int, Metrics]]) -> Metrics:
         """Reduce the clients' fit metrics (the allow-list: ε, δ, σ, steps); remember per-site ε."""
-        self._reports = [{"site": str(m.get("site", "?")),
-                          **{k: float(m[k]) for k in ("epsilon", "delta", "noise_multiplier", "steps") if k in m}}
+        reported = (FitMetric.EPSILON, FitMetric.DELTA, FitMetric.NOISE_MULTIPLIER, FitMetric.STEPS)
+        self._reports = [{"site": str(m.get(FitMetric.SITE, "?")),
+                          **{str(k): float(m[k]) for k in reported if k in m}}
                          for _, m in results]
         for _, m in results:
-            entry = self.sites.setdefault(str(m.get("site", "?")), {})
-            for key in ("epsilon", "delta", "noise_multiplier"):
+            entry = self.sites.setdefault(str(m.get(FitMetric.SITE, "?")), {})
+            for key in reported[:3]:
                 if key in m:
-                    entry[key] = float(m[key])
-        eps = [float(m["epsilon"]) for _, m in results if "epsilon" in m]
+                    entry[str(key)] = float(m[key])
+        eps = [float(m[FitMetric.EPSILON]) for _, m in results if FitMetric.EPSILON in m]
         self._pending = {"sites_contributed": sum(1 for n, _ in results if n > 0),
                          "epsilon_max": max(eps) if eps else 0.0}
         out: dict[str, Scalar] = {k: v for k, v in self._pending.items()}

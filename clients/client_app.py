@@ -23,7 +23,6 @@ A thin adapter over :mod:`federation.ingest`, :mod:`federation.train` and :mod:`
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import zlib
@@ -49,6 +48,7 @@ from federation.errors import ConfigError, PolicyRefusedError
 from federation.ingest import ImageSet, Preprocess, load_dataset
 from federation.ingest import site_name as numbered_site
 from federation.model import NDArrays, build_model, get_weights, set_weights
+from federation.records import FitMetric
 from federation.train import TrainConfig, train_epochs
 from privacy.dp import plan_round, private_round
 from privacy.ledger import PrivacyLedger
@@ -62,8 +62,7 @@ from privacy.policy import (
     review,
 )
 
-__all__ = ["FitMetric", "HospitalClient", "get_weights", "make_client_app", "round_request", "set_weights",
-           "site_data_path"]
+__all__ = ["HospitalClient", "check_release", "make_client_app", "policy_gate", "round_request", "site_data_path"]
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +71,6 @@ Policies = SitePolicy | Mapping[str, SitePolicy]
 
 GATE_RECORD = "privrad.gate"
 """Context-state record in which the gate tells ``fit`` whether the message came through SecAgg+."""
-
-
-class FitMetric(enum.StrEnum):
-    """The allow-list: the only metrics a fit reply may carry (none of them is a statistic of records)."""
-
-    SITE = "site"
-    ROUND = "round"
-    REFUSED = "refused"
-    EPSILON = "epsilon"
-    DELTA = "delta"
-    NOISE_MULTIPLIER = "noise_multiplier"
-    STEPS = "steps"
 
 
 def site_name(context: Context) -> str:

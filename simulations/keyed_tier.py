@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,63 @@ from federation.train import EpochStats, TrainConfig, evaluate, train_epochs
 from privacy.keyed import BlockKey, adapt_to_key, apply_key, latency_per_image, recover_key
 from simulations.centralised import load_training_data
 
-__all__ = ["TIER_MODELS", "train_tier"]
+__all__ = ["TIER_MODELS", "AdaptationFit", "KeyAttack", "TierModel", "TierResult", "train_tier"]
 
 TIER_MODELS = {"plain": "none", "keyed": "fitted without the key", "keyed-learned": "learned, random start"}
 
 
+@dataclass(frozen=True)
+class AdaptationFit:
+    """How well the key-free fit on the transformed training slices found the key."""
+
+    images: int
+    seconds: float
+    recovered_key: bool
+    positions_correct: int
+    flips_correct: int
+
+
+@dataclass(frozen=True)
+class KeyAttack:
+    """How many single transformed test slices give away the whole key."""
+
+    slices: int
+    whole_key_recovered: int
+
+
+@dataclass(frozen=True)
+class TierModel:
+    """One of the three models: test metrics, latency per image (transform included), training time."""
+
+    auc_macro: float
+    auc_per_class: dict[str, float | None]
+    accuracy: float
+    latency_s_per_image: float
+    train_seconds: float
+    adapt_block: int
+
+
+@dataclass(frozen=True)
+class TierResult:
+    """What :func:`train_tier` measured; :meth:`to_dict` is ``tier.json``."""
+
+    key_id: str
+    block: int
+    epochs: int
+    seed: int
+    train_images: int
+    test_images: int
+    adaptation_fit: AdaptationFit
+    single_image_attack: KeyAttack
+    models: dict[str, TierModel]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record, field by field."""
+        return dataclasses.asdict(self)
+
+
 def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int = 30, seed: int = 0,
-               size: int = 64, progress: Any = None) -> dict[str, Any]:
+               size: int = 64, progress: Callable[[str, int], None] | None = None) -> TierResult:
     """Train the keyed-transform Approx-CNN and its references on the same data; write ``out/tier.json``.
 
     Three models from the same initial weights, with the same optimiser, epochs and seed (no
@@ -57,15 +109,10 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
     plain_arch = ArchConfig(input_size=size, head=HeadKind.FLATTEN)
     adapted = ArchConfig(input_size=size, head=HeadKind.FLATTEN, adapt_block=key.block)
     initial = build_model(plain_arch, seed=seed).state_dict()
-    results: dict[str, Any] = {
-        "key_id": key.key_id, "block": key.block, "epochs": epochs, "seed": seed,
-        "train_images": len(train_set), "test_images": len(test_set),
-        "adaptation_fit": {"images": len(train_set), "seconds": fit_seconds, "recovered_key": fitted == key,
-                           "positions_correct": sum(a == b for a, b in zip(fitted.permutation, key.permutation,
-                                                                             strict=True)),
-                           "flips_correct": sum(a == b for a, b in zip(fitted.flips, key.flips, strict=True))},
-        "single_image_attack": {"slices": len(attack), "whole_key_recovered": sum(attack)},
-        "models": {}}
+    fit = AdaptationFit(images=len(train_set), seconds=fit_seconds, recovered_key=fitted == key,
+                        positions_correct=sum(a == b for a, b in zip(fitted.permutation, key.permutation, strict=True)),
+                        flips_correct=sum(a == b for a, b in zip(fitted.flips, key.flips, strict=True)))
+    models: dict[str, TierModel] = {}
     specs = {"plain": (plain_arch, train_set, test_set), "keyed": (adapted, keyed_train, keyed_test),
              "keyed-learned": (adapted, keyed_train, keyed_test)}
     for name in TIER_MODELS:
@@ -90,8 +137,12 @@ def train_tier(data: Path, *, test: Path, key: BlockKey, out: Path, epochs: int 
             "classes": list(test_set.classes), "preprocess": dataclasses.asdict(pre), "metrics": metrics.to_dict(),
             "keyed_transform": {"key_id": key.key_id, "block": key.block} if k else None,
             "training": {"mode": f"keyed-tier/{name}", **dataclasses.asdict(config)}})
-        results["models"][name] = {"auc_macro": metrics.auc_macro, "auc_per_class": metrics.auc_per_class,
-                                   "accuracy": metrics.accuracy, "latency_s_per_image": latency,
-                                   "train_seconds": time.perf_counter() - start, "adapt_block": arch.adapt_block}
-    atomic_write_json(out / "tier.json", results)
-    return results
+        models[name] = TierModel(auc_macro=metrics.auc_macro, auc_per_class=dict(metrics.auc_per_class),
+                                 accuracy=metrics.accuracy, latency_s_per_image=latency,
+                                 train_seconds=time.perf_counter() - start, adapt_block=arch.adapt_block)
+    result = TierResult(key_id=key.key_id, block=key.block, epochs=epochs, seed=seed, train_images=len(train_set),
+                        test_images=len(test_set), adaptation_fit=fit,
+                        single_image_attack=KeyAttack(slices=len(attack), whole_key_recovered=sum(attack)),
+                        models=models)
+    atomic_write_json(out / "tier.json", result.to_dict())
+    return result

@@ -143,14 +143,14 @@ def keyed_train(
                             progress=lambda name, epoch: bar.update(tasks[name], completed=epoch))
     table = Table("model", "input", "block adaptation", "macro-AUC", "latency / image",
                   title=f"keyed tier (block {k.block})")
-    for name, m in result["models"].items():
+    for name, m in result.models.items():
         table.add_row(name, "plain" if name == "plain" else "keyed transform", TIER_MODELS[name],
-                      f"{m['auc_macro']:.3f}", f"{m['latency_s_per_image'] * 1e3:.2f} ms")
+                      f"{m.auc_macro:.3f}", f"{m.latency_s_per_image * 1e3:.2f} ms")
     out_console.print(table)
-    fit, attack = result["adaptation_fit"], result["single_image_attack"]
-    out_console.print(f"fit on {fit['images']} transformed slices ({fit['seconds']:.1f} s): "
-                      f"{fit['positions_correct']}/{k.block ** 2} positions and {fit['flips_correct']}/{k.block ** 2} "
-                      f"flips of the key. Attack: {attack['whole_key_recovered']} of {attack['slices']} single "
+    fit, attack = result.adaptation_fit, result.single_image_attack
+    out_console.print(f"fit on {fit.images} transformed slices ({fit.seconds:.1f} s): "
+                      f"{fit.positions_correct}/{k.block ** 2} positions and {fit.flips_correct}/{k.block ** 2} "
+                      f"flips of the key. Attack: {attack.whole_key_recovered} of {attack.slices} single "
                       "transformed test slices give away the whole key.")
     out_console.print(f"wrote {out}/tier.json and the three models")
 

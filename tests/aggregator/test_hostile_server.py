@@ -19,8 +19,9 @@ from flwr.simulation import run_simulation
 
 from aggregator.metrics import refusal_rule
 from aggregator.server_app import make_server_app
-from clients.client_app import FitMetric, make_client_app
+from clients.client_app import make_client_app
 from federation.config import RunConfig
+from federation.records import FitMetric
 from privacy.policy import Rule, SitePolicy
 from simulations.phantoms import PhantomConfig, generate_phantoms
 

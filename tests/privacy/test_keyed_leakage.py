@@ -68,14 +68,15 @@ def test_tier_trains_three_models_and_leakage_separates_encryption_from_transfor
         tiny_federation: Path, tmp_path: Path) -> None:
     key = BlockKey.generate(4)
     tier = train_tier(tiny_federation, test=tiny_federation / "test", key=key, out=tmp_path, epochs=1, size=32)
-    assert set(tier["models"]) == {"plain", "keyed", "keyed-learned"}
-    assert tier["models"]["keyed"]["adapt_block"] == 4
-    assert tier["adaptation_fit"]["recovered_key"]  # fitted on the transformed training slices, without the key
-    assert tier["single_image_attack"]["whole_key_recovered"] == tier["single_image_attack"]["slices"] == 9
+    assert set(tier.models) == {"plain", "keyed", "keyed-learned"}
+    assert tier.models["keyed"].adapt_block == 4
+    assert tier.adaptation_fit.recovered_key  # fitted on the transformed training slices, without the key
+    assert tier.single_image_attack.whole_key_recovered == tier.single_image_attack.slices == 9
     # the fitted keyed model is the plain model seen through the key: same start, same training, same scores
-    assert tier["models"]["keyed"]["auc_macro"] == pytest.approx(tier["models"]["plain"]["auc_macro"], abs=0.02)
-    assert tier["key_id"] == key.key_id
-    assert all(m["latency_s_per_image"] > 0 for m in tier["models"].values())
+    assert tier.models["keyed"].auc_macro == pytest.approx(tier.models["plain"].auc_macro, abs=0.02)
+    assert tier.key_id == key.key_id
+    assert all(m.latency_s_per_image > 0 for m in tier.models.values())
+    assert json.loads((tmp_path / "tier.json").read_text()) == json.loads(json.dumps(tier.to_dict()))
     assert key.key_id in (tmp_path / "tier.json").read_text()
     assert str(key.permutation[:4])[1:-1] not in (tmp_path / "tier.json").read_text()  # the key itself is not
 
