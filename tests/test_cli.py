@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from federation.errors import ConfigError
+from privacy.policy import SitePolicy
 from simulations.cli import app
 
 VERBS = ("phantoms", "train", "evaluate", "scan", "simulate", "local", "budget", "invert", "report", "leakage",
@@ -49,8 +52,6 @@ def test_train_then_evaluate_gives_the_same_metrics(runner: CliRunner, tiny_fede
 
 def test_scan_reports_a_bad_file_and_fails(runner: CliRunner, tiny_federation: Path,
                                            tmp_path: Path) -> None:
-    import shutil
-
     data = Path(shutil.copytree(tiny_federation, tmp_path / "data"))
     (data / "site-2" / "site-2_00003.dcm").write_text("broken")
 
@@ -76,8 +77,6 @@ def test_a_missing_data_folder_is_a_clean_error(tmp_path: Path) -> None:
 
 def test_policy_init_writes_a_policy_that_show_reads_and_refuses_to_overwrite(runner: CliRunner,
                                                                                tmp_path: Path) -> None:
-    from privacy.policy import SitePolicy
-
     path = tmp_path / "site.toml"
     first = runner.invoke(app, ["policy", "init", "--out", str(path), "--epsilon-budget", "4", "--allow-no-dp"])
     again = runner.invoke(app, ["policy", "init", "--out", str(path)])
@@ -92,8 +91,6 @@ def test_policy_init_writes_a_policy_that_show_reads_and_refuses_to_overwrite(ru
 
 def test_simulate_without_dp_needs_sites_whose_policy_allows_it(runner: CliRunner, tiny_federation: Path,
                                                                 tmp_path: Path) -> None:
-    from federation.errors import ConfigError
-
     result = runner.invoke(app, ["simulate", "--data", str(tiny_federation), "--out", str(tmp_path / "run"),
                                  "--no-dp", "--size", "32"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tomllib
 from importlib import import_module
 from pathlib import Path
@@ -11,8 +12,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import Context, Message, RecordDict
 from flwr.server import ServerApp
 
-from clients.client_app import HospitalClient, Site, site_data_path
+from aggregator.metrics import refusal_rule
+from clients.client_app import HospitalClient, Site, policy_gate, site_data_path
 from federation.config import RunConfig
+from federation.errors import PolicyRefusedError
 from federation.ingest import Preprocess, load_dataset
 from federation.model import build_model, get_weights, set_weights
 from privacy.policy import SitePolicy
@@ -61,7 +64,6 @@ def test_a_hospital_client_trains_from_the_sent_weights(tiny_federation: Path) -
 def test_a_site_whose_policy_requires_dp_refuses_a_plain_round(tiny_federation: Path) -> None:
     import pytest
 
-    from federation.errors import PolicyRefusedError
 
     cfg = RunConfig(image_size=32, dp=False, local_epochs=1)
     data = load_dataset(tiny_federation / "site-1", preprocess=Preprocess(size=32))
@@ -72,12 +74,8 @@ def test_a_site_whose_policy_requires_dp_refuses_a_plain_round(tiny_federation: 
 
 
 def test_a_site_answers_no_evaluation_or_query_message(tiny_federation: Path) -> None:
-    import time
-
     from flwr.common import Message, MessageType, Metadata
 
-    from aggregator.metrics import refusal_rule
-    from clients.client_app import policy_gate
 
     gate = policy_gate(SitePolicy(), {"data-dir": str(tiny_federation)})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
@@ -96,8 +94,6 @@ def test_a_site_answers_no_evaluation_or_query_message(tiny_federation: Path) ->
 
 
 def _secagg_message(stage: str, **fields: object) -> Message:
-    import time
-
     from flwr.app import ConfigRecord
     from flwr.common import Message, MessageType, Metadata
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -109,8 +105,6 @@ def _secagg_message(stage: str, **fields: object) -> Message:
 
 
 def _gate_answer(tiny_federation: Path, msg: Message) -> Message:
-    from clients.client_app import policy_gate
-
     gate = policy_gate(SitePolicy(), {"data-dir": str(tiny_federation), "image-size": 32})
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
                   run_config={"data-dir": str(tiny_federation), "image-size": 32})
@@ -122,8 +116,6 @@ def _gate_answer(tiny_federation: Path, msg: Message) -> Message:
 
 
 def test_a_site_refuses_a_secagg_threshold_of_half_the_shares_or_less(tiny_federation: Path) -> None:
-    from aggregator.metrics import refusal_rule
-
     # 5 sites, 5 shares, threshold 2: the coordinator could gather 2 seed shares and 2 key shares of one site
     reply = _gate_answer(tiny_federation, _secagg_message("setup", sample_num=5, share_num=5, threshold=2,
                                                           clipping_range=8.0, target_range=1 << 22,
@@ -134,8 +126,6 @@ def test_a_site_refuses_a_secagg_threshold_of_half_the_shares_or_less(tiny_feder
 
 
 def test_a_site_refuses_to_unmask_a_node_listed_as_alive_and_dropped(tiny_federation: Path) -> None:
-    from aggregator.metrics import refusal_rule
-
     reply = _gate_answer(tiny_federation, _secagg_message("unmask", active_nids=[11, 12, 13], dead_nids=[12]))
     malformed = _gate_answer(tiny_federation, _secagg_message("unmask", active_nids=[11], dead_nids="12"))
 

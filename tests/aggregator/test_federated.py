@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flwr.common import Context
 
+import simulations.federated as fed
+from aggregator.server_app import make_server_app
 from clients.client_app import make_client_app
 from federation.config import RunConfig
 from federation.model import build_model, get_weights
@@ -47,9 +49,6 @@ def _policy(out: Path) -> SitePolicy:
 
 
 def _run(data: Path, out: Path, **kw: Any) -> tuple[dict[str, Any], Observed]:
-    import simulations.federated as fed
-    from aggregator.server_app import make_server_app
-
     seen: Observed = []
     kw.setdefault("dp", False)
     cfg = RunConfig(data_dir=str(data), out_dir=str(out), image_size=16, num_server_rounds=1, batch_size=4,
@@ -134,8 +133,6 @@ def _hang_first_site(context: Context) -> None:
 
 
 def test_a_site_that_hangs_mid_round_does_not_stop_the_round(three_sites: Path, tmp_path: Path) -> None:
-    import simulations.federated as fed
-
     original = fed.make_client_app
     fed.make_client_app = lambda overrides, policies: make_client_app(  # type: ignore[assignment]
         overrides, policies=policies, before_fit=_hang_first_site)
