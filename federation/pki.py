@@ -9,6 +9,7 @@ format Flower reads). Private keys are written owner-only; nothing is overwritte
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import ipaddress
 import os
@@ -108,10 +109,19 @@ def make_certs(out: Path, *, sites: list[str], hosts: list[str], days: int = 365
     return CertSet(ca_cert, link_cert, link_keyf, site_keys)
 
 
-def write_connection(flwr_home: Path, *, name: str, address: str, ca_cert: Path, default: bool = True) -> Path:
-    """Add (or replace) a TLS SuperLink connection in ``FLWR_HOME/config.toml`` for ``flwr run/ls/stop``."""
+FLOWER_DEFAULTS = {"superlink": {"default": "local", "local": {"address": ":local:"}}}
+"""What ``flwr`` itself writes into a new ``config.toml``: the local simulation connection, as default."""
+
+
+def write_connection(flwr_home: Path, *, name: str, address: str, ca_cert: Path, default: bool = False) -> Path:
+    """Add (or replace) a TLS SuperLink connection in ``FLWR_HOME/config.toml`` for ``flwr run/ls/stop``.
+
+    Other connections are kept; a new file starts from Flower's own defaults (the ``local``
+    simulation connection), so a plain ``flwr run .`` still simulates. ``default`` makes
+    ``name`` the connection ``flwr`` uses when none is named.
+    """
     path = Path(flwr_home) / "config.toml"
-    current = tomllib.loads(path.read_text()) if path.is_file() else {}
+    current = tomllib.loads(path.read_text()) if path.is_file() else copy.deepcopy(FLOWER_DEFAULTS)
     links = current.setdefault("superlink", {})
     links[name] = {"address": address, "root-certificates": str(Path(ca_cert).resolve())}
     if default or "default" not in links:

@@ -47,7 +47,8 @@ class LocalFederation:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.certs = make_certs(self.root / "certs", sites=[*self.sites, "unregistered"],
                                 hosts=["127.0.0.1", "localhost"], overwrite=True)
-        write_connection(self.root / "flwr", name=name, address=f"127.0.0.1:{port}", ca_cert=self.certs.ca_cert)
+        write_connection(self.root / "flwr", name=name, address=f"127.0.0.1:{self.port}", ca_cert=self.certs.ca_cert,
+                         default=True)
 
     def _bin(self, name: str) -> str:
         return str(Path(sys.executable).parent / name)

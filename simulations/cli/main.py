@@ -509,11 +509,15 @@ def deploy_connection(
     name: Annotated[str, typer.Option(help="Connection name for flwr run/ls/stop.")] = "hospitals",
     flwr_home: Annotated[Path | None, typer.Option(help="Flower's config folder [default: $FLWR_HOME or "
                                                         "~/.flwr].")] = None,
+    make_default: Annotated[bool, typer.Option("--default/--no-default",
+                                               help="Make it the connection flwr uses when none is named "
+                                                    "(otherwise name it: `flwr run . hospitals`).")] = False,
 ) -> None:
-    """Write a TLS SuperLink connection into Flower's config.toml (made the default)."""
+    """Write a TLS SuperLink connection into Flower's config.toml; other connections are kept."""
     home = flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    path = write_connection(home, name=name, address=address, ca_cert=ca_cert)
-    out_console.print(f"{path}: connection {name!r} → {address} (TLS, CA {ca_cert})")
+    path = write_connection(home, name=name, address=address, ca_cert=ca_cert, default=make_default)
+    out_console.print(f"{path}: connection {name!r} → {address} (TLS, CA {ca_cert})"
+                      f"{', the default' if make_default else ''}")
 
 
 app.add_typer(he_app, name="he")
