@@ -2,45 +2,71 @@
 
 Compile the global model, start the encrypted-inference service on loopback, let a hospital
 client (its own keys) encrypt one held-out slice, have the service classify it on ciphertext,
-decrypt, and print the result beside the privacy spent in training and the timings.
+decrypt, and report the result beside the privacy spent in training and the timings.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from federation.errors import DataError
+from federation.storage import atomic_write_json, load_checkpoint
+from he_inference.client import ServiceClient
+from he_inference.compiler import compile_checkpoint, load_calibration
+from he_inference.service import start_service
 
-__all__ = ["run_demo"]
+__all__ = ["DemoSummary", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 32   # public images the demo calibrates on
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """What the demo shows: one encrypted classification beside the training's privacy and the timings."""
+
+    slice: str
+    true_label: str
+    he_prediction: str
+    probabilities: dict[str, float]
+    federated_macro_auc: float | None
+    epsilon_spent_max: float | None
+    delta: float | None
+    service_url: str
+    service_start_s: float
+    client_keygen_and_register_s: float
+    encrypted_round_trip_s: float
+    server_s: float
+    upload_bytes: int
+    download_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (``demo.json``)."""
+        return asdict(self)
 
 
 def run_demo(run: Path, data: Path, out: Path, *, workers: int = 2,
-             say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Returns (and prints) the summary; the service is stopped on the way out."""
-    from federation.ingest import Preprocess, load_dataset
-    from federation.storage import atomic_write_json, load_checkpoint
-    from he_inference.check import compile_checkpoint
-    from he_inference.client import ServiceClient
-    from he_inference.service import start_service
-
+             say: Callable[[str], None] = log.info) -> DemoSummary:
+    """Compile, serve, classify one test slice; writes ``out/demo.json``; the service is stopped on the way out."""
     model_pt = run / "global_model.pt"
-    meta = load_checkpoint(model_pt).meta
-    calib, source = None, "uniform noise"
+    ckpt = load_checkpoint(model_pt)
+    calib = None
     if (data / "public").is_dir():  # public images only: model.he (and its value ranges) goes to the server
-        calib = load_dataset(data / "public", classes=meta["classes"],
-                             preprocess=Preprocess(**meta["preprocess"])).images[:32].double().numpy()
-        source = f"public: {len(calib)} images"
+        calib = load_calibration(data / "public", meta=ckpt.meta, n=CALIBRATION_IMAGES)
     t0 = time.perf_counter()
-    compiled, _ = compile_checkpoint(model_pt, calibration=calib, calibration_source=source)
+    compiled = compile_checkpoint(model_pt, checkpoint=ckpt, calibration=calib).compiled
     he = out / "model.he"
     compiled.save(he)
     compile_s = time.perf_counter() - t0
-    say(f"compiled {model_pt} → {he}: N={compiled.params.poly_degree}, depth {compiled.plan.depth} "
+    say(f"compiled {model_pt} → {he}: N={compiled.params.poly_degree}, depth {compiled.depth} "
         f"({compile_s:.1f} s); starting the service …")
     labels = {row["file"]: row["label"] for row in csv.DictReader((data / "test" / "labels.csv").open())}
     if not labels:
@@ -62,15 +88,14 @@ def run_demo(run: Path, data: Path, out: Path, *, workers: int = 2,
         metrics = json.loads((run / "metrics.json").read_text())
     sites: dict[str, dict[str, Any]] = metrics.get("sites", {})
     eps = {site: v.get("epsilon") for site, v in sites.items()}
-    summary = {
-        "slice": slice_name, "true_label": labels[slice_name], "he_prediction": result["prediction"],
-        "probabilities": result["probabilities"],
-        "federated_macro_auc": metrics.get("final", {}).get("auc_macro"),
-        "epsilon_spent_max": max((e for e in eps.values() if e is not None), default=None),
-        "delta": next(iter(sites.values()), {}).get("delta"),
-        "service_url": url, "service_start_s": start_s, "client_keygen_and_register_s": keys_s,
-        "encrypted_round_trip_s": result["round_trip_s"], "server_s": result["server_s"],
-        "upload_bytes": result["upload_bytes"], "download_bytes": result["download_bytes"],
-    }
-    atomic_write_json(out / "demo.json", summary)
+    summary = DemoSummary(
+        slice=slice_name, true_label=labels[slice_name], he_prediction=result.prediction.label,
+        probabilities=result.prediction.probabilities,
+        federated_macro_auc=metrics.get("final", {}).get("auc_macro"),
+        epsilon_spent_max=max((e for e in eps.values() if e is not None), default=None),
+        delta=next(iter(sites.values()), {}).get("delta"),
+        service_url=url, service_start_s=start_s, client_keygen_and_register_s=keys_s,
+        encrypted_round_trip_s=result.round_trip_s, server_s=result.server_s,
+        upload_bytes=result.upload_bytes, download_bytes=result.download_bytes)
+    atomic_write_json(out / "demo.json", summary.to_dict())
     return summary

@@ -20,6 +20,10 @@ uses every core); concurrent requests queue.
 
 from __future__ import annotations
 
+import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -28,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from federation.errors import CiphertextError, HEError, KeyMaterialError
-from he_inference.compiler import CompiledModel
+from he_inference.artifact import CompiledModel
 from he_inference.keys import PublicKeys, key_id
 from he_inference.server import InferenceServer
 
@@ -49,8 +55,15 @@ class ServiceLimits:
     max_key_bytes: int = 1024 * 2**20
     max_clients: int = 4
 
+    def __post_init__(self) -> None:
+        if min(self.max_upload_bytes, self.max_key_bytes, self.max_clients) < 1:
+            raise ValueError(f"`max_upload_bytes`, `max_key_bytes` and `max_clients` must be ≥ 1, got "
+                             f"{self.max_upload_bytes}, {self.max_key_bytes}, {self.max_clients}")
+
 
 class RefusalError(Exception):
+    """A request the service refuses: the HTTP status, a short error name and the detail."""
+
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
@@ -84,7 +97,7 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
     lock = threading.Lock()   # one encrypted pass at a time: each already uses every worker
     app = FastAPI(title="privrad encrypted inference", version="1")
     info: dict[str, Any] = {
-        **model.client().to_dict(), "input_ciphertexts": model.plan.n_inputs, "depth": model.plan.depth,
+        **model.client().to_dict(), "input_ciphertexts": model.plan.n_inputs, "depth": model.depth,
         "workers": workers,
         "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_key_bytes": limits.max_key_bytes,
                    "max_clients": limits.max_clients},
@@ -162,8 +175,6 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
 def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
           tls_cert: Path | None = None, tls_key: Path | None = None, limits: ServiceLimits | None = None) -> None:
     """Run the service with uvicorn until interrupted; the worker pool is stopped on the way out."""
-    import uvicorn
-
     if (tls_cert is None) != (tls_key is None):
         raise HEError("TLS needs both --tls-cert and --tls-key")
     app = create_app(model_path, workers=workers, limits=limits)
@@ -176,8 +187,6 @@ def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, worker
 
 def free_port() -> int:
     """A TCP port free on the loopback interface right now."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -189,12 +198,6 @@ def start_service(model_path: Path, *, port: int | None = None, workers: int = 2
 
     ``tls`` = (certificate, key, CA certificate) serves HTTPS, checked against that CA.
     """
-    import ssl
-    import subprocess
-    import sys
-
-    import httpx
-
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "federation.cli", "he", "serve", "--model", str(model_path),
                              "--port", str(port), "--workers", str(workers), *(extra or []),

@@ -1,0 +1,13 @@
+"""The compiler's passes, in the order :func:`he_inference.compiler.compile_model` runs them.
+
+Each pass is a pure function that returns new frozen objects and leaves its input untouched:
+
+1. :mod:`~.trace`: PyTorch model → :class:`~.ir.Network` (value types in :mod:`~.ir`).
+2. :mod:`~.fold`: BatchNorm into convolutions, a patchify stem into the client's transform,
+   pools into the classifier.
+3. :mod:`~.layout`: the slot packing (:class:`~.layout.Packing`, :class:`~.layout.Layout`).
+4. :mod:`~.lower`: the instruction list, a frozen :class:`~.program.Plan` (:mod:`~.program`).
+5. :mod:`~.levels`: the one level and scale assignment every engine uses.
+6. :mod:`~.cost`: per-layer counts and the cost model (rotations, transfers).
+7. :mod:`~.interpret`: plaintext evaluation of a network and of a plan (the references).
+"""
