@@ -11,8 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from federation.cli import app
+from federation.ingest import Preprocess, read_slice
 from federation.model import ArchConfig, HeadKind, build_model
-from federation.storage import save_checkpoint
+from federation.storage import load_checkpoint, save_checkpoint
+from he_inference.artifact import CompiledModel
 
 CLASSES = ["normal", "cyst", "tumour"]
 
@@ -47,11 +49,8 @@ def test_compile_keygen_encrypt_infer_decrypt_match_the_plaintext_model(checkpoi
     for r in results:
         assert r.exit_code == 0, r.output
     assert "model.he will carry the per-layer maximum" in results[0].output  # the private-calibration warning
-    from he_inference.compiler import CompiledModel
     assert CompiledModel.load(he).meta["calibration"] == "private: 12 images"
     out = json.loads(results[-1].stdout[results[-1].stdout.index("{"):])
-    from federation.ingest import Preprocess, read_slice
-    from federation.storage import load_checkpoint
     with torch.no_grad():
         ref = load_checkpoint(checkpoint).model.eval()(read_slice(dicom, Preprocess(size=32))[None])[0]
     got = np.array([out["logits"][c] for c in CLASSES])
