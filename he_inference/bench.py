@@ -25,11 +25,10 @@ from federation.errors import HEError
 from federation.model import ArchConfig, HeadKind, build_model
 from federation.storage import load_checkpoint
 from he_inference.compiler import compile_model
-from he_inference.keys import SecretKeys
 from he_inference.passes.fold import fold
 from he_inference.passes.ir import Act, Array, Conv, Network
 from he_inference.passes.trace import trace
-from he_inference.roundtrip import LayerRow, layer_table, round_trips
+from he_inference.roundtrip import LayerRow, layer_table, measure
 
 __all__ = ["ARCHS", "BenchReport", "TensealBaseline", "run_bench", "tenseal_baseline"]
 
@@ -171,12 +170,8 @@ def run_bench(*, size: int, model_path: Path | None = None, runs: int = 3, worke
     compile_s = time.perf_counter() - t0
     say(f"compiled {size}×{size}: N={compiled.params.poly_degree}, depth {compiled.depth}, "
         f"{compiled.plan.n_inputs} input ciphertexts, {len(compiled.plan.masks)} masks ({compile_s:.1f} s)")
-    t0 = time.perf_counter()
-    keys = SecretKeys.generate(compiled.params, compiled.plan.steps)
-    keygen_s = time.perf_counter() - t0
-    with torch.no_grad():
-        ref = model(torch.as_tensor(image[None], dtype=torch.float32)).double().numpy()[0]
-    run = round_trips(compiled, keys, np.repeat(image[None], runs, axis=0), workers=workers, say=say)
+    measured = measure(compiled, model, np.repeat(image[None], runs, axis=0), workers=workers, say=say)
+    run, ref = measured.run, measured.reference[0]
     last = run.trips[-1]
     layers = layer_table([t.layers for t in run.trips])
     base = ratio_first = ratio_classifier = None
@@ -193,8 +188,9 @@ def run_bench(*, size: int, model_path: Path | None = None, runs: int = 3, worke
         size=size, workers=workers, runs=runs,
         server_s_median=statistics.median(t.server_seconds for t in run.trips),
         end_to_end_s_median=statistics.median(t.seconds for t in run.trips),
-        upload_bytes=last.upload_bytes, download_bytes=last.download_bytes, eval_key_bytes=len(keys.public_bytes()),
+        upload_bytes=last.upload_bytes, download_bytes=last.download_bytes,
+        eval_key_bytes=len(measured.keys.public_bytes()),
         max_abs_logit_err=float(np.abs(last.logits - ref).max()), max_abs_logit=float(np.abs(ref).max()),
-        compile_s=compile_s, keygen_s=keygen_s, server_startup_s=run.startup_seconds,
+        compile_s=compile_s, keygen_s=measured.keygen_seconds, server_startup_s=run.startup_seconds,
         poly_degree=compiled.params.poly_degree, depth=compiled.depth, layers=layers, tenseal_baseline=base,
         ratio_first_conv_act=ratio_first, ratio_classifier=ratio_classifier)

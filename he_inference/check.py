@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from federation.errors import DataError, HEError
 from federation.metrics import classification_metrics
@@ -28,8 +27,7 @@ from he_inference.artifact import CompiledModel
 from he_inference.client import softmax
 from he_inference.compiler import Calibration, compile_checkpoint
 from he_inference.images import load_images
-from he_inference.keys import SecretKeys
-from he_inference.roundtrip import LayerRow, layer_table, round_trips
+from he_inference.roundtrip import LayerRow, layer_table, measure
 
 __all__ = ["CheckReport", "CkksSummary", "he_check"]
 
@@ -134,15 +132,9 @@ def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
     compile_s = time.perf_counter() - t0
     say(f"compiled: N={model.params.poly_degree}, depth {model.depth}, {len(model.plan.masks)} masks, "
         f"{len(model.plan.steps)} rotation steps ({compile_s:.1f} s)")
-    t0 = time.perf_counter()
-    keys = SecretKeys.generate(model.params, model.plan.steps)
-    keygen_s = time.perf_counter() - t0
-    with torch.no_grad():
-        plain = compiled.torch_model(torch.as_tensor(checked, dtype=torch.float32)).double().numpy()
-    run = round_trips(model, keys, checked, workers=workers, say=say)
-    trips = run.trips
+    measured = measure(model, compiled.torch_model, checked, workers=workers, say=say)
+    plain, he_logits, trips = measured.reference, measured.logits, measured.run.trips
     latency = [t.seconds for t in trips]
-    he_logits = np.array([t.logits for t in trips])
     if not np.all(np.isfinite(he_logits)):
         raise HEError("decrypted logits are not finite: CKKS overflow (re-compile with more headroom)")
     err = np.abs(he_logits - plain)
@@ -156,10 +148,11 @@ def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
         latency_s_median=statistics.median(latency), latency_s_max=max(latency),
         server_s_median=statistics.median(t.server_seconds for t in trips),
         upload_bytes=max(t.upload_bytes for t in trips), download_bytes=max(t.download_bytes for t in trips),
-        eval_key_bytes=len(keys.public_bytes()),
+        eval_key_bytes=len(measured.keys.public_bytes()),
         auc_macro_plain=classification_metrics(softmax(plain), labels, classes)["auc_macro"],
         auc_macro_he=classification_metrics(softmax(he_logits), labels, classes)["auc_macro"],
-        ckks=CkksSummary.of(model), compile_s=compile_s, keygen_s=keygen_s, server_startup_s=run.startup_seconds,
+        ckks=CkksSummary.of(model), compile_s=compile_s, keygen_s=measured.keygen_seconds,
+        server_startup_s=measured.run.startup_seconds,
         layers=layer_table([t.layers for t in trips]))
     if report.argmax_agreement < 1.0:
         log.warning("HE and plaintext disagree on %d of %d images", round((1 - report.argmax_agreement) * n), n)

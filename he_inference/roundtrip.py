@@ -13,6 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
 from he_inference.artifact import CompiledModel
 from he_inference.client import decrypt_logits, encrypt_image
 from he_inference.engine import LayerTiming
@@ -21,7 +25,7 @@ from he_inference.passes.ir import Array
 from he_inference.passes.program import Kind
 from he_inference.server import InferenceServer
 
-__all__ = ["LayerRow", "RoundTrip", "RoundTrips", "layer_table", "round_trips"]
+__all__ = ["LayerRow", "Measurement", "RoundTrip", "RoundTrips", "layer_table", "measure", "round_trips"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,32 @@ def round_trips(model: CompiledModel, keys: SecretKeys, images: Array, *, worker
                                    len(reply)))
             say(f"{k + 1}/{len(images)}: server {t2 - t1:.2f} s, end to end {trips[-1].seconds:.2f} s")
         return RoundTrips(tuple(trips), server.encode_seconds)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A client's keys made, the plaintext model's logits, and the encrypted round trips of the same images."""
+
+    keys: SecretKeys
+    keygen_seconds: float
+    reference: Array            # the PyTorch model's float32 logits (N, K), as float64
+    run: RoundTrips
+
+    @property
+    def logits(self) -> Array:
+        """The decrypted logits (N, K)."""
+        return np.array([t.logits for t in self.run.trips])
+
+
+def measure(model: CompiledModel, torch_model: nn.Module, images: Array, *, workers: int,
+            say: Callable[[str], None]) -> Measurement:
+    """Generate a client's keys (timed), classify ``images`` in plaintext and under encryption."""
+    t0 = time.perf_counter()
+    keys = SecretKeys.generate(model.params, model.plan.steps)
+    keygen_s = time.perf_counter() - t0
+    with torch.no_grad():
+        reference = torch_model(torch.as_tensor(images, dtype=torch.float32)).double().numpy()
+    return Measurement(keys, keygen_s, reference, round_trips(model, keys, images, workers=workers, say=say))
 
 
 @dataclass(frozen=True)

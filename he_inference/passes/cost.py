@@ -24,14 +24,6 @@ TRANSFER_COST = 12.0   # save (compressing) + load of one ciphertext
 _COST = {Kind.ROT: ROTATION_COST, Kind.SQUARE: 26.0, Kind.MUL: 26.0, Kind.ADD_PLAIN: 0.4}
 
 
-class LayerKind(enum.StrEnum):
-    """What a layer does under encryption."""
-
-    LINEAR = "linear"
-    ACTIVATION = "activation"
-    POOL = "pool"
-
-
 @dataclass(frozen=True)
 class LayerStats:
     """What a layer costs: counts of each instruction kind and its levels."""
@@ -46,6 +38,14 @@ class LayerStats:
     def __post_init__(self) -> None:
         if min(self.rotations, self.plain_mults, self.ct_mults, self.levels) < 0:
             raise ValueError(f"{self.name}: `rotations`, `plain_mults`, `ct_mults` and `levels` must be ≥ 0")
+
+
+class LayerKind(enum.StrEnum):
+    """What a layer does under encryption: the kind of its :class:`LayerStats`."""
+
+    LINEAR = "linear"
+    ACTIVATION = "activation"
+    POOL = "pool"
 
 
 def layer_stats(plan: Plan, depths: Sequence[int]) -> tuple[LayerStats, ...]:

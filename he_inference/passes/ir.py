@@ -22,6 +22,14 @@ Array = npt.NDArray[np.float64]
 Shape = tuple[int, int, int]
 
 
+class _ShapeKeeping:
+    """An op whose output has the shape of its input."""
+
+    def out_shape(self, shape: Shape) -> Shape:
+        """Same as the input."""
+        return shape
+
+
 @dataclass(frozen=True)
 class Conv:
     """2-D convolution, zero padding: ``weight`` (O, I, kh, kw), ``bias`` (O,)."""
@@ -67,7 +75,7 @@ class AvgPool:
 
 
 @dataclass(frozen=True)
-class Norm:
+class Norm(_ShapeKeeping):
     """Per-channel affine normalisation ``(x - mean) * scale + shift`` (an eval-mode BatchNorm2d).
 
     It exists only between tracing and folding: :func:`~he_inference.passes.fold.fold`
@@ -84,13 +92,9 @@ class Norm:
             raise ValueError(f"{self.name}: `mean`, `scale` and `shift` must have one value per channel, got "
                              f"{self.mean.shape}, {self.scale.shape}, {self.shift.shape}")
 
-    def out_shape(self, shape: Shape) -> Shape:
-        """Same as the input."""
-        return shape
-
 
 @dataclass(frozen=True)
-class Act:
+class Act(_ShapeKeeping):
     """Per-channel polynomial ``sum_k coef[k, c] x**k``; ``coef`` has shape (degree + 1, C)."""
 
     name: str
@@ -104,10 +108,6 @@ class Act:
     def degree(self) -> int:
         """Polynomial degree."""
         return int(self.coef.shape[0]) - 1
-
-    def out_shape(self, shape: Shape) -> Shape:
-        """Same as the input."""
-        return shape
 
 
 @dataclass(frozen=True)
@@ -125,15 +125,11 @@ class Dense:
 
 
 @dataclass(frozen=True)
-class Residual:
+class Residual(_ShapeKeeping):
     """``x + body(x)``; the body keeps the shape."""
 
     name: str
     body: tuple[Op, ...]
-
-    def out_shape(self, shape: Shape) -> Shape:
-        """Same as the input."""
-        return shape
 
 
 Op = Conv | AvgPool | Norm | Act | Residual
