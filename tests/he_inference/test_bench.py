@@ -26,7 +26,8 @@ def test_the_bench_report_times_every_layer_and_compares_the_classifier_with_ten
     assert report.max_abs_logit_err <= BENCH_REL_TOL * report.max_abs_logit
     assert report.tenseal_baseline is not None
     assert report.tenseal_baseline.first_conv_act_s is None   # no patchify stem: not expressible in TenSEAL
-    assert report.ratio_classifier is not None and report.ratio_classifier > 0
+    assert report.ratio_classifier is not None
+    assert report.ratio_classifier > 0
     summary = json.loads(json.dumps(report.summary()))
     assert "layers" not in summary
     assert "first_conv_act_s" not in summary["tenseal_baseline"]
