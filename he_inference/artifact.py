@@ -13,6 +13,7 @@ ciphertexts is :mod:`he_inference.serial`.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import json
@@ -32,9 +33,18 @@ from he_inference.passes.layout import Layout, pack_image
 from he_inference.passes.levels import LevelAssignment, assign_levels, plan_depth, register_depths
 from he_inference.passes.program import Instr, Kind, LayerSpan, Plan
 
-__all__ = ["FORMAT", "VERSION", "ClientModel", "CompiledModel", "derive_levels"]
+__all__ = ["FORMAT", "VERSION", "ClientModel", "CompiledModel", "MetaKey", "derive_levels"]
 
 FORMAT, VERSION = "privrad-he-model", 1
+
+
+class MetaKey(enum.StrEnum):
+    """The keys of a compiled model's ``meta`` that privrad writes and reads."""
+
+    PREPROCESS = "preprocess"          # the checkpoint's Preprocess fields: the client reads images as in training
+    SOURCE = "source"                  # the checkpoint's path
+    SOURCE_SHA256 = "source_sha256"    # the checkpoint's sha256
+    CALIBRATION = "calibration"        # what the value ranges were measured on
 
 
 def derive_levels(plan: Plan, params: CKKSParams) -> LevelAssignment:
@@ -58,7 +68,7 @@ class CompiledModel:
     transform: InputTransform
     classes: tuple[str, ...]
     calibrated_max: float
-    meta: dict[str, Any] = field(default_factory=dict)   # e.g. the client's preprocessing, the source model
+    meta: dict[str, Any] = field(default_factory=dict)   # see MetaKey: the client's preprocessing, the source, …
     blob: bytes | None = field(default=None, repr=False, compare=False)   # the file's bytes, when loaded from one
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from federation.console import console, out_console, progress_bar
 from federation.storage import atomic_write_bytes, atomic_write_json, load_checkpoint
-from he_inference.artifact import CompiledModel
+from he_inference.artifact import CompiledModel, MetaKey
 from he_inference.bench import run_bench
 from he_inference.check import he_check
 from he_inference.client import ServiceClient, encrypt_image, prediction
@@ -111,7 +111,7 @@ def encrypt(
     sk = SecretKeys.load(keys, m.params)
     for img in images:
         target = out if len(images) == 1 else out / f"{img.stem}.enc"
-        data = encrypt_image(m, sk, read_image(img, m.meta.get("preprocess", {})))
+        data = encrypt_image(m, sk, read_image(img, m.meta.get(MetaKey.PREPROCESS, {})))
         atomic_write_bytes(target, data)
         out_console.print(f"{img} → {target} ({len(data) / 1e6:.2f} MB)")
 

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 
 from federation.errors import HEError
-from he_inference.artifact import ClientModel, CompiledModel
+from he_inference.artifact import ClientModel, CompiledModel, MetaKey
 from he_inference.images import read_image
 from he_inference.keys import SECRET_FILE, SecretKeys
 from he_inference.passes.ir import Array
@@ -139,7 +139,7 @@ class ServiceClient:
 
     def classify_files(self, paths: Sequence[Path]) -> list[Classification]:
         """DICOM slices (or .npy arrays), preprocessed as the model was trained."""
-        return [self.classify(read_image(p, self.model.meta.get("preprocess", {})), name=str(p)) for p in paths]
+        return [self.classify(read_image(p, self.model.meta.get(MetaKey.PREPROCESS, {})), name=str(p)) for p in paths]
 
     def close(self) -> None:
         """Close the HTTP connection."""

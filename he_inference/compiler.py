@@ -20,7 +20,7 @@ from torch import nn
 
 from federation.errors import DepthError, HEError
 from federation.storage import Checkpoint, load_checkpoint
-from he_inference.artifact import CompiledModel
+from he_inference.artifact import CompiledModel, MetaKey
 from he_inference.ckks import MAX_BITS, choose_params
 from he_inference.images import load_images
 from he_inference.passes.fold import fold
@@ -145,8 +145,9 @@ def compile_checkpoint(model_path: Path, *, checkpoint: Checkpoint | None = None
     """
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(model_path)
     net = trace(ckpt.model.eval(), classes=tuple(ckpt.meta["classes"]))
-    meta = {"preprocess": ckpt.meta.get("preprocess", {}), "source": str(model_path), "source_sha256": ckpt.sha256,
-            "calibration": calibration.source if calibration is not None else UNIFORM_NOISE}
+    meta: dict[str, Any] = {MetaKey.PREPROCESS: ckpt.meta.get("preprocess", {}), MetaKey.SOURCE: str(model_path),
+            MetaKey.SOURCE_SHA256: ckpt.sha256,
+            MetaKey.CALIBRATION: calibration.source if calibration is not None else UNIFORM_NOISE}
     compiled = compile_model(net, options=options, calibration=None if calibration is None else calibration.images,
                              meta=meta)
     return CompiledCheckpoint(ckpt, compiled)

@@ -73,3 +73,14 @@ def test_a_client_view_with_a_wrong_parameter_hash_is_refused() -> None:
 
     with pytest.raises(CiphertextError, match="model description: parameter hash mismatch"):
         ClientModel.from_dict({**compiled.client().to_dict(), "params_sha256": "0" * 64})
+
+
+# sha256 of this model's .he file as the compiler wrote it before it was split into passes (commit 06f871f)
+PATCHIFY_DIGEST = "0b7a262edaf0e1418f6e8e43e5bd313972251a48f596ba136d54c267096ad224"
+
+
+def test_the_artifact_bytes_are_those_the_single_module_compiler_wrote() -> None:
+    compiled = compile_model(CASES[4].values[0](), calibration=images((1, 16, 16)), image_shape=(1, 16, 16),
+                             meta={"case": "patch4"})
+
+    assert compiled.digest == PATCHIFY_DIGEST
