@@ -145,9 +145,11 @@ def compile_checkpoint(model_path: Path, *, checkpoint: Checkpoint | None = None
     """
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(model_path)
     net = trace(ckpt.model.eval(), classes=tuple(ckpt.meta["classes"]))
-    meta: dict[str, Any] = {MetaKey.PREPROCESS: ckpt.meta.get("preprocess", {}), MetaKey.SOURCE: str(model_path),
-            MetaKey.SOURCE_SHA256: ckpt.sha256,
-            MetaKey.CALIBRATION: calibration.source if calibration is not None else UNIFORM_NOISE}
-    compiled = compile_model(net, options=options, calibration=None if calibration is None else calibration.images,
-                             meta=meta)
-    return CompiledCheckpoint(ckpt, compiled)
+    meta: dict[str, Any] = {
+        MetaKey.PREPROCESS: ckpt.meta.get("preprocess", {}),
+        MetaKey.SOURCE: str(model_path),
+        MetaKey.SOURCE_SHA256: ckpt.sha256,
+        MetaKey.CALIBRATION: calibration.source if calibration is not None else UNIFORM_NOISE,
+    }
+    images = None if calibration is None else calibration.images
+    return CompiledCheckpoint(ckpt, compile_model(net, options=options, calibration=images, meta=meta))

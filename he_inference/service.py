@@ -193,7 +193,8 @@ def free_port() -> int:
 
 
 def start_service(model_path: Path, *, port: int | None = None, workers: int = 2, extra: list[str] | None = None,
-                  tls: tuple[Path, Path, Path] | None = None, timeout: float = 300.0) -> tuple[Any, str]:
+                  tls: tuple[Path, Path, Path] | None = None,
+                  timeout: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``privrad he serve`` as a child process on loopback; returns (process, URL) once healthy.
 
     ``tls`` = (certificate, key, CA certificate) serves HTTPS, checked against that CA.

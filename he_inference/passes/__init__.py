@@ -11,3 +11,27 @@ Each pass is a pure function that returns new frozen objects and leaves its inpu
 6. :mod:`~.cost`: per-layer counts and the cost model (rotations, transfers).
 7. :mod:`~.interpret`: plaintext evaluation of a network and of a plan (the references).
 """
+
+from he_inference.passes.fold import fold
+from he_inference.passes.interpret import SlotSimulator, run_plain, value_ranges
+from he_inference.passes.ir import Network
+from he_inference.passes.layout import Packing, choose_packing
+from he_inference.passes.levels import LevelAssignment, assign_levels
+from he_inference.passes.lower import lower
+from he_inference.passes.program import Plan
+from he_inference.passes.trace import trace
+
+__all__ = [
+    "LevelAssignment",
+    "Network",
+    "Packing",
+    "Plan",
+    "SlotSimulator",
+    "assign_levels",
+    "choose_packing",
+    "fold",
+    "lower",
+    "run_plain",
+    "trace",
+    "value_ranges",
+]
