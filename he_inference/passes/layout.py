@@ -8,20 +8,22 @@ column (its *gap* grows by k). The next convolution writes its output *multiplex
 slots stay full (Lee et al., ICML 2022). Channel ``c`` pixel ``(y, x)`` sits at
 ``offset[c] + y gap_y Wb + x gap_x`` of ciphertext ``ct[c]``.
 
-:func:`choose_packing` is the pass: the block a network needs and the layout of what the
-client encrypts. :func:`fresh_layout` and :func:`pooled` give the layouts the lowering
-pass writes its outputs in.
+:func:`choose_packing` is the pass: the block a network needs, the layout of what the
+client encrypts, and the layout every op writes its output in (a convolution: a fresh
+multiplexed layout, or, as the last convolution of a residual body, the layout of the
+residual's input so that the two terms add slot by slot; a pool: the same slots at a wider
+gap; an activation: its input's). The lowering pass only reads these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from federation.errors import DepthError
+from federation.errors import DepthError, UnsupportedLayerError
 from he_inference.passes.ir import Array, AvgPool, Conv, InputTransform, Network, Op, Residual, Shape
 
 __all__ = ["Layout", "Packing", "base_block", "choose_packing", "fresh_layout", "pack_image", "pooled"]
@@ -69,11 +71,15 @@ class Layout:
 
 @dataclass(frozen=True)
 class Packing:
-    """The layout pass's result: slots per ciphertext, the base block, the layout the client encrypts in."""
+    """The layout pass's result: slots per ciphertext, the base block, where the input and every op's output sit.
+
+    ``outputs`` maps each op's name (residual bodies included) to the layout of its output.
+    """
 
     slots: int
     block: tuple[int, int]
     input: Layout
+    outputs: Mapping[str, Layout] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.block[0] * self.block[1] > self.slots:
@@ -118,19 +124,45 @@ def base_block(net: Network) -> tuple[int, int]:
     return hb, wb
 
 
+def _assign(ops: Sequence[Op], layout: Layout, target: Layout | None, *, block: tuple[int, int], slots: int,
+            out: dict[str, Layout]) -> Layout:
+    """Record the output layout of every op of ``ops`` read from ``layout``; the last convolution writes ``target``."""
+    last_conv = max((i for i, o in enumerate(ops) if isinstance(o, Conv)), default=-1)
+    for idx, op in enumerate(ops):
+        if op.name in out:
+            raise UnsupportedLayerError(f"{op.name}: two layers have this name; layouts are looked up by name")
+        if isinstance(op, Conv):
+            gap = (layout.gap[0] * op.stride[0], layout.gap[1] * op.stride[1])
+            if target is not None and idx == last_conv:
+                layout = target
+            else:
+                layout = fresh_layout(op.out_shape(layout.shape), gap, block=block, slots=slots)
+        elif isinstance(op, AvgPool):
+            layout = pooled(layout, op.kernel)
+        elif isinstance(op, Residual):
+            _assign(op.body, layout, layout, block=block, slots=slots, out=out)
+        out[op.name] = layout
+    return layout
+
+
 def choose_packing(net: Network, *, slots: int) -> Packing:
-    """The block ``net`` needs and the input layout, for ciphertexts of ``slots`` slots.
+    """The block ``net`` needs, the input layout and every op's output layout, for ciphertexts of ``slots`` slots.
 
     Raises
     ------
     DepthError
         One channel at full resolution does not fit in a ciphertext.
+    UnsupportedLayerError
+        Two layers share a name.
     """
     block = base_block(net)
     if block[0] * block[1] > slots:
         raise DepthError(f"a {block[0]}x{block[1]} channel needs {block[0] * block[1]} slots, a ciphertext has "
                          f"{slots}: use a patchify first convolution (kernel = stride) or a larger ring")
-    return Packing(slots, block, fresh_layout(net.input_shape, (1, 1), block=block, slots=slots))
+    inp = fresh_layout(net.input_shape, (1, 1), block=block, slots=slots)
+    outputs: dict[str, Layout] = {}
+    _assign(net.ops, inp, None, block=block, slots=slots, out=outputs)
+    return Packing(slots, block, inp, outputs)
 
 
 def pack_image(image: Array, transform: InputTransform, layout: Layout, slots: int) -> list[Array]:

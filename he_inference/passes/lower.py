@@ -17,8 +17,8 @@ Polynomial activations
     the next linear layer's masks and bias (a deferred *term* list), as are average pools'
     ``1 / k^2``.
 
-Layouts come from :mod:`~.layout`; levels and costs of the result from :mod:`~.levels`
-and :mod:`~.cost`.
+Every op writes its output in the layout the layout pass chose for it (:mod:`~.layout`);
+levels and costs of the result come from :mod:`~.levels` and :mod:`~.cost`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from federation.errors import UnsupportedLayerError
 from he_inference.passes.cost import ROTATION_COST
 from he_inference.passes.ir import Act, Array, AvgPool, Conv, Dense, Network, Norm, Op, Shape
-from he_inference.passes.layout import Layout, Packing, fresh_layout, pooled
+from he_inference.passes.layout import Layout, Packing
 from he_inference.passes.program import Instr, Kind, LayerSpan, Plan
 
 __all__ = ["SHIFT_LIMIT", "lower"]
@@ -62,7 +62,7 @@ class _Builder:
     """Appends instructions and masks; registers are numbered in the order they are written."""
 
     def __init__(self, packing: Packing) -> None:
-        self.slots, self.block = packing.slots, packing.block
+        self.slots, self.outputs = packing.slots, packing.outputs
         self.instrs: list[Instr] = []
         self.masks: list[Array] = []
         self.next_reg = packing.input.n_ct
@@ -209,11 +209,8 @@ def _const_response(conv: Conv, const: Array, shape: Shape) -> Array:
     return out[0].numpy()
 
 
-def _conv(bld: _Builder, conv: Conv, x: _Tensor, out: Layout | None) -> _Tensor:
-    shape = conv.out_shape(x.layout.shape)
-    if out is None:
-        gap = (x.layout.gap[0] * conv.stride[0], x.layout.gap[1] * conv.stride[1])
-        out = fresh_layout(shape, gap, block=bld.block, slots=bld.slots)
+def _conv(bld: _Builder, conv: Conv, x: _Tensor) -> _Tensor:
+    out = bld.outputs[conv.name]
     contribs = _conv_contributions(conv, x, out, bld.slots)
     return _emit_linear(bld, x, contribs, out, _const_response(conv, x.const, x.layout.shape))
 
@@ -229,7 +226,7 @@ def _pool(bld: _Builder, pool: AvgPool, x: _Tensor) -> _Tensor:
             acc = bld.add([acc] + [bld.rot(acc, dy * lay.gap[0] * lay.row) for dy in range(1, kh)])
             new.append(acc)
         terms.append((tuple(new), coef / (kh * kw)))
-    return _Tensor(pooled(lay, pool.kernel), tuple(terms), x.const.copy())
+    return _Tensor(bld.outputs[pool.name], tuple(terms), x.const.copy())
 
 
 def _materialise(bld: _Builder, x: _Tensor) -> _Tensor:
@@ -340,12 +337,11 @@ def lower(net: Network, *, packing: Packing, ranges: Sequence[float]) -> Plan:
     x = _Tensor(inp, ((tuple(range(inp.n_ct)), np.ones(inp.shape[0])),), np.zeros(inp.shape[0]))
     layers: list[LayerSpan] = []
 
-    def run(ops: Sequence[Op], x: _Tensor, rng: Sequence[float], target: Layout | None) -> _Tensor:
-        last_conv = max((i for i, o in enumerate(ops) if isinstance(o, Conv)), default=-1)
+    def run(ops: Sequence[Op], x: _Tensor, rng: Sequence[float]) -> _Tensor:
         for idx, op in enumerate(ops):
             start = len(bld.instrs)
             if isinstance(op, Conv):
-                x = _conv(bld, op, x, target if idx == last_conv else None)
+                x = _conv(bld, op, x)
             elif isinstance(op, AvgPool):
                 x = _pool(bld, op, x)
             elif isinstance(op, Act):
@@ -355,13 +351,13 @@ def lower(net: Network, *, packing: Packing, ranges: Sequence[float]) -> Plan:
             else:
                 if not any(isinstance(o, Conv) for o in op.body):
                     raise UnsupportedLayerError(f"{op.name} (Residual): the body needs a convolution")
-                body = run(op.body, x, [rng[idx]] * len(op.body), x.layout)
+                body = run(op.body, x, [rng[idx]] * len(op.body))
                 x = _Tensor(x.layout, x.terms + body.terms, x.const + body.const)
                 continue  # a residual add is a term union: no instructions of its own (its body's layers are listed)
             layers.append(LayerSpan(op.name, start, len(bld.instrs)))
         return x
 
-    x = run(net.ops, x, ranges, None)
+    x = run(net.ops, x, ranges)
     start = len(bld.instrs)
     outputs = _dense(bld, net.dense, x)
     layers.append(LayerSpan(net.dense.name, start, len(bld.instrs)))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from torch import nn
 
-from federation.errors import DepthError
+from federation.errors import DepthError, UnsupportedLayerError
 from federation.model import PolyAct
 from he_inference.passes.fold import fold
 from he_inference.passes.layout import Layout, base_block, choose_packing, fresh_layout, pooled
@@ -64,3 +66,22 @@ def test_a_channel_larger_than_a_ciphertext_is_refused_with_the_figures() -> Non
 def test_a_layout_with_a_missing_channel_is_refused_by_field() -> None:
     with pytest.raises(ValueError, match=r"`ct` and `offset` must give one entry per channel \(3\)"):
         Layout((3, 4, 4), (1, 1), 4, (0, 0), (0, 16))
+
+
+def test_every_op_gets_an_output_layout_and_a_residual_body_ends_where_it_began() -> None:
+    net = fold(trace(custom(3, 1, 2), image_shape=(1, 16, 16)))
+
+    packing = choose_packing(net, slots=4096)
+
+    assert set(packing.outputs) == {"0", "2", "3", "4", "4.body.0", "4.body.1"}
+    assert packing.outputs["4.body.0"] == packing.outputs["3"]   # the body's last conv writes the residual's input
+    assert packing.outputs["3"] == pooled(packing.outputs["2"], (2, 2))
+    assert packing.outputs["0"].shape == (3, 16, 16)
+
+
+def test_two_layers_with_one_name_are_refused() -> None:
+    net = fold(trace(custom(3, 1, 2), image_shape=(1, 16, 16)))
+    twice = dataclasses.replace(net, ops=(*net.ops, net.ops[-1]))
+
+    with pytest.raises(UnsupportedLayerError, match=r"^4: two layers have this name"):
+        choose_packing(twice, slots=4096)
