@@ -27,6 +27,8 @@ from he_inference.service import start_service
 CLASSES = ["normal", "cyst", "tumour"]
 OCTET = {"content-type": "application/octet-stream"}
 MAX_UPLOAD_MB = 2.0
+PROB_TOL = 1e-4         # HE class probabilities vs PyTorch float32's
+LOGIT_REL_TOL = 1e-3    # HE logits vs PyTorch float32's, relative to the largest logit magnitude
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_classify_through_the_service_matches_the_plaintext_model(service, tiny_
             ref = torch.softmax(model(torch.as_tensor(read_image(path, {"size": 32})[None],
                                                       dtype=torch.float32)), 1)[0].double().numpy()
         got = np.array([item["probabilities"][c] for c in CLASSES])
-        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got, ref, atol=PROB_TOL, rtol=0)
     assert (root / "keys" / "secret.key").is_file()
 
 
@@ -122,7 +124,7 @@ def test_eight_concurrent_classifications_all_succeed(service) -> None:  # type:
         ref = load_checkpoint(ckpt).model.eval()(torch.as_tensor(images, dtype=torch.float32)).double().numpy()
     got = np.array([decrypt_logits(client.model, client.keys, r) for r in replies])
     assert got.shape == (8, 3)
-    np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)  # each reply is its own image's
+    np.testing.assert_allclose(got, ref, atol=LOGIT_REL_TOL * np.abs(ref).max(), rtol=0)  # each reply is its own image's
 
 
 @pytest.mark.slow
@@ -142,7 +144,8 @@ def test_the_service_over_tls_answers_only_clients_that_trust_its_ca(tmp_path: P
             got = client.classify(image).prediction.logits
         with torch.no_grad():
             ref = model(torch.as_tensor(image[None], dtype=torch.float32))[0].double().numpy()
-        np.testing.assert_allclose([got[c] for c in CLASSES], ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
+        np.testing.assert_allclose([got[c] for c in CLASSES], ref, atol=LOGIT_REL_TOL * np.abs(ref).max(),
+                                   rtol=0)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
