@@ -124,7 +124,8 @@ def test_eight_concurrent_classifications_all_succeed(service) -> None:  # type:
         ref = load_checkpoint(ckpt).model.eval()(torch.as_tensor(images, dtype=torch.float32)).double().numpy()
     got = np.array([decrypt_logits(client.model, client.keys, r) for r in replies])
     assert got.shape == (8, 3)
-    np.testing.assert_allclose(got, ref, atol=LOGIT_REL_TOL * np.abs(ref).max(), rtol=0)  # each reply is its own image's
+    # each reply is its own image's
+    np.testing.assert_allclose(got, ref, atol=LOGIT_REL_TOL * np.abs(ref).max(), rtol=0)
 
 
 @pytest.mark.slow
