@@ -13,23 +13,24 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
+import tenseal as ts
 import torch
 
 from federation.errors import HEError
 from federation.model import ArchConfig, HeadKind, build_model
-from he_inference.check import layer_table, round_trips
+from federation.storage import load_checkpoint
 from he_inference.compiler import compile_model
-from he_inference.ir import Act, Conv, Network, trace
-from he_inference.keys import SecretKeys
+from he_inference.passes.fold import fold
+from he_inference.passes.ir import Act, Array, Conv, Network
+from he_inference.passes.trace import trace
+from he_inference.roundtrip import LayerRow, layer_table, measure
 
-__all__ = ["ARCHS", "run_bench", "tenseal_baseline"]
-
-Array = npt.NDArray[np.float64]
+__all__ = ["ARCHS", "BenchReport", "TensealBaseline", "run_bench", "tenseal_baseline"]
 
 # The built-in Approx-CNNs per image side: three conv stages of depth 2 each + the head = depth 7.
 ARCHS = {
@@ -38,19 +39,83 @@ ARCHS = {
 }
 
 
+def _omit_none(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields in order as JSON, leaving out those that were not measured (None)."""
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is not None:
+            out[f.name] = ([row.to_dict() for row in value] if f.name == "layers"
+                           else value.to_dict() if isinstance(value, TensealBaseline) else value)
+    return out
+
+
+@dataclass(frozen=True)
+class TensealBaseline:
+    """Seconds of the layers TenSEAL's high-level API can run (None: not expressible there)."""
+
+    poly_degree: int
+    galois_keygen_s: float
+    classifier_features: int
+    first_conv_act_s: float | None = None
+    first_conv_input_ciphertexts: int | None = None
+    classifier_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, in the order the figures are measured."""
+        d = _omit_none(self)
+        order = ["poly_degree", "galois_keygen_s", "first_conv_act_s", "first_conv_input_ciphertexts",
+                 "classifier_features", "classifier_s"]
+        return {k: d[k] for k in order if k in d}
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """One model's encrypted classification timed per layer (medians of ``runs``), and the baseline's ratios."""
+
+    size: int
+    workers: int
+    runs: int
+    server_s_median: float
+    end_to_end_s_median: float
+    upload_bytes: int
+    download_bytes: int
+    eval_key_bytes: int
+    max_abs_logit_err: float
+    max_abs_logit: float
+    compile_s: float
+    keygen_s: float
+    server_startup_s: float
+    poly_degree: int
+    depth: int
+    layers: tuple[LayerRow, ...]
+    tenseal_baseline: TensealBaseline | None = None
+    ratio_first_conv_act: float | None = None
+    ratio_classifier: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or not self.layers:
+            raise ValueError(f"`runs` must be ≥ 1 and `layers` non-empty, got {self.runs} and {len(self.layers)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (figures not measured are left out)."""
+        return _omit_none(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the per-layer table."""
+        return {k: v for k, v in self.to_dict().items() if k != "layers"}
+
+
 def _model(size: int, model_path: Path | None) -> torch.nn.Module:
     if model_path is not None:
-        from federation.storage import load_checkpoint
         return load_checkpoint(model_path).model.eval()
     if size not in ARCHS:
         raise HEError(f"--size must be one of {sorted(ARCHS)} (or pass --model), got {size}")
     return build_model(ARCHS[size], seed=0).eval()
 
 
-def tenseal_baseline(net: Network, image: Array, *, poly_degree: int = 16384) -> dict[str, Any]:
-    """Seconds of the layers TenSEAL's high-level API can run (see the module docstring)."""
-    import tenseal as ts
-
+def tenseal_baseline(net: Network, image: Array, *, poly_degree: int = 16384) -> TensealBaseline:
+    """Seconds of the layers TenSEAL's high-level API can run on ``net`` (folded; see the module docstring)."""
     conv = net.ops[0]
     act = net.ops[1] if len(net.ops) > 1 and isinstance(net.ops[1], Act) else None
     s = net.transform.unshuffle
@@ -58,7 +123,9 @@ def tenseal_baseline(net: Network, image: Array, *, poly_degree: int = 16384) ->
     ctx.global_scale = 2.0**40
     t0 = time.perf_counter()
     ctx.generate_galois_keys()
-    out: dict[str, Any] = {"poly_degree": poly_degree, "galois_keygen_s": time.perf_counter() - t0}
+    galois_keygen_s = time.perf_counter() - t0
+    first_conv_act_s: float | None = None
+    n_ct: int | None = None
     x = (image[0] - net.transform.mean) / net.transform.std
     if s > 1 and isinstance(conv, Conv):
         side = x.shape[0] // s
@@ -74,63 +141,56 @@ def tenseal_baseline(net: Network, image: Array, *, poly_degree: int = 16384) ->
                 y = enc.conv2d_im2col(k[oc].tolist(), windows) + float(conv.bias[oc])
                 if act is not None:
                     y.polyval([float(c) for c in act.coef[:, oc]])
-        out["first_conv_act_s"] = time.perf_counter() - t0
-        out["first_conv_input_ciphertexts"] = n_ct
+        first_conv_act_s = time.perf_counter() - t0
     w4 = net.dense.weight  # (K, C, H, W); an average pool folded into it is taken back out to fit the slots
     while int(np.prod(w4.shape[1:])) > poly_degree // 2 and w4.shape[2] % 2 == 0 and w4.shape[3] % 2 == 0:
-        k, c, h, wd = w4.shape
-        w4 = w4.reshape(k, c, h // 2, 2, wd // 2, 2).sum(axis=(3, 5))
+        k4, c, h, wd = w4.shape
+        w4 = w4.reshape(k4, c, h // 2, 2, wd // 2, 2).sum(axis=(3, 5))
     feats = int(np.prod(w4.shape[1:]))
     w = w4.reshape(w4.shape[0], feats)
-    out["classifier_features"] = feats
+    classifier_s: float | None = None
     if feats <= poly_degree // 2:
         v = ts.ckks_vector(ctx, np.random.default_rng(0).uniform(-1, 1, feats).tolist())
         t0 = time.perf_counter()
         _ = v.mm(w.T.tolist()) + net.dense.bias.tolist()
-        out["classifier_s"] = time.perf_counter() - t0
-    return out
+        classifier_s = time.perf_counter() - t0
+    return TensealBaseline(poly_degree, galois_keygen_s, feats, first_conv_act_s, n_ct, classifier_s)
 
 
 def run_bench(*, size: int, model_path: Path | None = None, runs: int = 3, workers: int = 2, baseline: bool = True,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None) -> BenchReport:
     """Compile, keygen, ``runs`` encrypted classifications of one image; per-layer medians and ratios."""
     say = progress or (lambda _m: None)
     model = _model(size, model_path)
-    net = trace(model)
+    net = fold(trace(model))
     rng = np.random.default_rng(0)
     image = rng.uniform(0, 1, net.image_shape)
     t0 = time.perf_counter()
     compiled = compile_model(net, calibration=rng.uniform(0, 1, (4, *net.image_shape)))
     compile_s = time.perf_counter() - t0
-    say(f"compiled {size}×{size}: N={compiled.params.poly_degree}, depth {compiled.plan.depth}, "
+    say(f"compiled {size}×{size}: N={compiled.params.poly_degree}, depth {compiled.depth}, "
         f"{compiled.plan.n_inputs} input ciphertexts, {len(compiled.plan.masks)} masks ({compile_s:.1f} s)")
-    t0 = time.perf_counter()
-    keys = SecretKeys.generate(compiled.params, compiled.plan.steps)
-    keygen_s = time.perf_counter() - t0
-    with torch.no_grad():
-        ref = model(torch.as_tensor(image[None], dtype=torch.float32)).double().numpy()[0]
-    trips, startup_s = round_trips(compiled, keys, np.repeat(image[None], runs, axis=0), workers=workers, say=say)
-    last = trips[-1]
-    report: dict[str, Any] = {
-        "size": size, "workers": workers, "runs": runs,
-        "server_s_median": statistics.median(t.server_seconds for t in trips),
-        "end_to_end_s_median": statistics.median(t.seconds for t in trips),
-        "upload_bytes": last.upload_bytes, "download_bytes": last.download_bytes,
-        "eval_key_bytes": len(keys.public_bytes()),
-        "max_abs_logit_err": float(np.abs(last.logits - ref).max()), "max_abs_logit": float(np.abs(ref).max()),
-        "compile_s": compile_s, "keygen_s": keygen_s, "server_startup_s": startup_s,
-        "poly_degree": compiled.params.poly_degree, "depth": compiled.plan.depth,
-        "layers": layer_table([t.layers for t in trips]),
-    }
+    measured = measure(compiled, model, np.repeat(image[None], runs, axis=0), workers=workers, say=say)
+    run, ref = measured.run, measured.reference[0]
+    last = run.trips[-1]
+    layers = layer_table([t.layers for t in run.trips])
+    base = ratio_first = ratio_classifier = None
     if baseline:
         say("TenSEAL high-level API baseline on the layers it can express …")
         base = tenseal_baseline(net, image)
-        report["tenseal_baseline"] = base
-        ours = {r["layer"]: r["seconds_median"] for r in report["layers"]}
-        names = [name for name, _, _ in compiled.plan.layers]
-        if "first_conv_act_s" in base and len(names) > 1:
-            mine = ours[names[0]] + ours[names[1]]
-            report["ratio_first_conv_act"] = base["first_conv_act_s"] / mine
-        if "classifier_s" in base:
-            report["ratio_classifier"] = base["classifier_s"] / ours[names[-1]]
-    return report
+        ours = {r.layer: r.seconds_median for r in layers}
+        names = [span.name for span in compiled.plan.layers]
+        if base.first_conv_act_s is not None and len(names) > 1:
+            ratio_first = base.first_conv_act_s / (ours[names[0]] + ours[names[1]])
+        if base.classifier_s is not None:
+            ratio_classifier = base.classifier_s / ours[names[-1]]
+    return BenchReport(
+        size=size, workers=workers, runs=runs,
+        server_s_median=statistics.median(t.server_seconds for t in run.trips),
+        end_to_end_s_median=statistics.median(t.seconds for t in run.trips),
+        upload_bytes=last.upload_bytes, download_bytes=last.download_bytes,
+        eval_key_bytes=len(measured.keys.public_bytes()),
+        max_abs_logit_err=float(np.abs(last.logits - ref).max()), max_abs_logit=float(np.abs(ref).max()),
+        compile_s=compile_s, keygen_s=measured.keygen_seconds, server_startup_s=run.startup_seconds,
+        poly_degree=compiled.params.poly_degree, depth=compiled.depth, layers=layers, tenseal_baseline=base,
+        ratio_first_conv_act=ratio_first, ratio_classifier=ratio_classifier)

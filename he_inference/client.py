@@ -1,7 +1,9 @@
-"""The hospital's side of the encrypted-inference service: encrypt → post → decrypt.
+"""The hospital's side of encrypted inference: encrypt → (post) → decrypt.
 
-The secret key stays in the client's key folder; the service gets the public evaluation keys
-once (it answers a key id) and then only ciphertexts.
+:func:`encrypt_image` and :func:`decrypt_logits` need the client's :class:`SecretKeys`;
+:class:`ServiceClient` runs them against the encrypted-inference service. The secret key
+stays in the client's key folder; the service gets the public evaluation keys once (it
+answers a key id) and then only ciphertexts.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,84 @@ import httpx
 import numpy as np
 
 from federation.errors import HEError
-from he_inference.compiler import ClientModel
+from he_inference.artifact import ClientModel, CompiledModel, MetaKey
+from he_inference.images import read_image
 from he_inference.keys import SECRET_FILE, SecretKeys
-from he_inference.server import decrypt_logits, encrypt_image, prediction
+from he_inference.passes.ir import Array
 
-__all__ = ["ServiceClient"]
+__all__ = ["Classification", "Prediction", "ServiceClient", "decrypt_logits", "encrypt_image", "prediction",
+           "softmax"]
 
 OCTET = "application/octet-stream"
+
+
+def encrypt_image(model: CompiledModel | ClientModel, keys: SecretKeys, image: Array) -> bytes:
+    """One image (C, H, W) in [0, 1] → the upload (``encrypted-image`` container)."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.shape != tuple(model.image_shape):
+        raise HEError(f"image shape {image.shape} does not match the model's input {tuple(model.image_shape)}")
+    if not np.all(np.isfinite(image)):
+        raise HEError("image holds NaN or infinite values")
+    if not isinstance(keys, SecretKeys):
+        raise HEError("encryption needs the client's SecretKeys")
+    return keys.encrypt(model.pack(image), model_sha256=model.digest)
+
+
+def decrypt_logits(model: CompiledModel | ClientModel, keys: SecretKeys, data: bytes, *,
+                   source: str = "<bytes>") -> Array:
+    """The server's reply → logits, one per class."""
+    return keys.decrypt(data, model_sha256=model.digest, source=source)
+
+
+def softmax(logits: Array) -> Array:
+    """Class probabilities from logits (last axis)."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return np.asarray(e / e.sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The decrypted answer for one image: predicted class, probabilities and logits by class name."""
+
+    label: str
+    probabilities: dict[str, float]
+    logits: dict[str, float]
+
+    def __post_init__(self) -> None:
+        if self.label not in self.probabilities or set(self.probabilities) != set(self.logits):
+            raise ValueError(f"`label` {self.label!r} must be one of the classes that `probabilities` and `logits` "
+                             "both name")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``prediction``, ``probabilities``, ``logits``."""
+        return {"prediction": self.label, "probabilities": dict(self.probabilities), "logits": dict(self.logits)}
+
+
+def prediction(logits: Array, classes: Sequence[str]) -> Prediction:
+    """The answer for one image's logits; unnamed classes are called by their index."""
+    p = softmax(logits)
+    names = list(classes) or [str(k) for k in range(len(p))]
+    return Prediction(names[int(p.argmax())], dict(zip(names, map(float, p), strict=True)),
+                      dict(zip(names, map(float, logits), strict=True)))
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One image classified through the service: the answer, sizes and timings."""
+
+    prediction: Prediction
+    server_s: float           # the service's encrypted forward pass (its X-Privrad-Seconds)
+    round_trip_s: float       # encrypt + post + decrypt
+    upload_bytes: int
+    download_bytes: int
+    image: str | None = None  # the file it was read from, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (``image`` first, when known)."""
+        head = {} if self.image is None else {"image": self.image}
+        return {**head, **self.prediction.to_dict(), "server_s": self.server_s, "round_trip_s": self.round_trip_s,
+                "upload_bytes": self.upload_bytes, "download_bytes": self.download_bytes}
 
 
 class ServiceClient:
@@ -52,24 +126,20 @@ class ServiceClient:
             raise HEError(f"{what} refused ({reply.status_code}) — {detail}")
         return reply
 
-    def classify(self, image: np.ndarray) -> dict[str, Any]:
+    def classify(self, image: Array, *, name: str | None = None) -> Classification:
         """One image (C, H, W) in [0, 1] → probabilities, logits, sizes and timings."""
         t0 = time.perf_counter()
         upload = encrypt_image(self.model, self.keys, image)
         reply = self._check(self.http.post(f"/infer/{self.key_id}", content=upload, headers={"content-type": OCTET}),
                             "POST /infer")
         logits = decrypt_logits(self.model, self.keys, reply.content, source="service reply")
-        return {**prediction(logits, self.model.classes),
-                "server_s": float(reply.headers.get("X-Privrad-Seconds", "nan")),
-                "round_trip_s": time.perf_counter() - t0, "upload_bytes": len(upload),
-                "download_bytes": len(reply.content)}
+        return Classification(prediction(logits, self.model.classes),
+                              float(reply.headers.get("X-Privrad-Seconds", "nan")), time.perf_counter() - t0,
+                              len(upload), len(reply.content), name)
 
-    def classify_files(self, paths: Sequence[Path]) -> list[dict[str, Any]]:
+    def classify_files(self, paths: Sequence[Path]) -> list[Classification]:
         """DICOM slices (or .npy arrays), preprocessed as the model was trained."""
-        from he_inference.check import read_image
-
-        return [{"image": str(p), **self.classify(read_image(p, self.model.meta.get("preprocess", {})))}
-                for p in paths]
+        return [self.classify(read_image(p, self.model.meta.get(MetaKey.PREPROCESS, {})), name=str(p)) for p in paths]
 
     def close(self) -> None:
         """Close the HTTP connection."""

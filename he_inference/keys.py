@@ -15,7 +15,7 @@ import hashlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,13 @@ import tenseal.sealapi as seal
 from federation.errors import CiphertextError, KeyMaterialError
 from federation.storage import atomic_write_bytes
 from he_inference.ckks import CKKSParams, make_context
-from he_inference.serial import pack, seal_load, seal_to_bytes, unpack
+from he_inference.serial import MAGIC, ContainerKind, pack, seal_load, seal_to_bytes, unpack
 
 __all__ = [
-    "INPUT_KIND", "OUTPUT_KIND", "PublicKeys", "SecretKeys", "galois_elements", "key_id", "require_keys_for",
-    "require_public",
+    "PUBLIC_FILE", "SECRET_FILE", "PublicKeys", "SecretKeys", "galois_elements", "key_id", "load_ciphertexts",
+    "pack_ciphertexts", "require_keys_for", "require_public",
 ]
 
-SECRET_KIND, PUBLIC_KIND = "secret-keys", "public-keys"
-INPUT_KIND, OUTPUT_KIND = "encrypted-image", "encrypted-logits"
 SECRET_FILE, PUBLIC_FILE = "secret.key", "public.keys"
 Array = npt.NDArray[np.float64]
 
@@ -95,10 +93,10 @@ class PublicKeys:
     @classmethod
     def from_bytes(cls, data: bytes, params: CKKSParams, *, source: str = "<bytes>") -> PublicKeys:
         """Load a ``public-keys`` container; a secret key file is refused outright."""
-        if data.startswith(b"PRIVRAD-HE " + SECRET_KIND.encode()):
+        if data.startswith(MAGIC + ContainerKind.SECRET_KEYS.encode()):
             raise KeyMaterialError(f"{source} is the client's secret key file; the server takes only "
                                    f"the public evaluation keys ({PUBLIC_FILE})")
-        head, parts = unpack(data, PUBLIC_KIND, source=source, params_sha256=params.digest())
+        head, parts = unpack(data, ContainerKind.PUBLIC_KEYS, source=source, params_sha256=params.digest())
         if set(parts) != {"relin", "galois"}:
             raise KeyMaterialError(f"{source}: unexpected key parts {sorted(parts)}")
         ctx = make_context(params)
@@ -156,7 +154,7 @@ class SecretKeys:
         elements = galois_elements(steps, params.poly_degree)
         relin = seal_to_bytes(keygen.create_relin_keys())
         galois = seal_to_bytes(keygen.create_galois_keys(elements)) if elements else seal_to_bytes(seal.GaloisKeys())
-        blob = pack(PUBLIC_KIND, [("relin", relin), ("galois", galois)], params_sha256=params.digest(),
+        blob = pack(ContainerKind.PUBLIC_KEYS, [("relin", relin), ("galois", galois)], params_sha256=params.digest(),
                     galois_elements=elements, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         return cls(params, ctx, keygen.secret_key(), blob)
 
@@ -172,8 +170,9 @@ class SecretKeys:
         """Write ``secret.key`` (owner-only permissions) and ``public.keys`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        secret = pack(SECRET_KIND, [("secret", seal_to_bytes(self._secret)), ("public", self._public_blob)],
-                      params_sha256=self.params.digest(), params=asdict(self.params))
+        parts = [("secret", seal_to_bytes(self._secret)), ("public", self._public_blob)]
+        secret = pack(ContainerKind.SECRET_KEYS, parts, params_sha256=self.params.digest(),
+                      params=self.params.to_dict())
         spath, ppath = directory / SECRET_FILE, directory / PUBLIC_FILE
         atomic_write_bytes(spath, secret)
         os.chmod(spath, 0o600)
@@ -190,10 +189,9 @@ class SecretKeys:
             raise KeyMaterialError(f"{path}: no such secret key file (run `privrad he keygen`)")
         data = path.read_bytes()
         if params is None:
-            head, _ = unpack(data, SECRET_KIND, source=str(path))
-            p = head["params"]
-            params = CKKSParams(int(p["poly_degree"]), tuple(int(b) for b in p["coeff_bits"]), int(p["scale_bits"]))
-        _, parts = unpack(data, SECRET_KIND, source=str(path), params_sha256=params.digest())
+            head, _ = unpack(data, ContainerKind.SECRET_KEYS, source=str(path))
+            params = CKKSParams.from_dict(head["params"])
+        _, parts = unpack(data, ContainerKind.SECRET_KEYS, source=str(path), params_sha256=params.digest())
         ctx = make_context(params)
         secret = seal_load(seal.SecretKey, ctx, parts["secret"], what=f"{path} (secret key)")
         return cls(params, ctx, secret, parts["public"])
@@ -209,7 +207,7 @@ class SecretKeys:
             pt = seal.Plaintext()
             self._encoder.encode(np.asarray(v, dtype=np.float64).tolist(), self.params.scale, pt)
             parts.append((f"ct{n}", seal_to_bytes(encryptor.encrypt_symmetric(pt))))
-        return pack(INPUT_KIND, parts, params_sha256=self.params.digest(), model_sha256=model_sha256)
+        return pack(ContainerKind.ENCRYPTED_IMAGE, parts, params_sha256=self.params.digest(), model_sha256=model_sha256)
 
     def decrypt(self, data: bytes, *, model_sha256: str | None, source: str = "<bytes>") -> Array:
         """The logits in an ``encrypted-logits`` container (slot 0 of each class's ciphertext).
@@ -217,7 +215,8 @@ class SecretKeys:
         ``model_sha256`` None skips the model check (the container still names its model).
         """
         expect = {"model_sha256": model_sha256} if model_sha256 is not None else {}
-        _, parts = unpack(data, OUTPUT_KIND, source=source, params_sha256=self.params.digest(), **expect)
+        _, parts = unpack(data, ContainerKind.ENCRYPTED_LOGITS, source=source, params_sha256=self.params.digest(),
+                          **expect)
         decryptor = seal.Decryptor(self._context, self._secret)
         out = []
         for name, blob in parts.items():
@@ -228,14 +227,14 @@ class SecretKeys:
         return np.asarray(out)
 
 
-def load_ciphertexts(data: bytes, kind: str, params: CKKSParams, context: seal.SEALContext, *, model_sha256: str,
-                     source: str = "<bytes>") -> list[seal.Ciphertext]:
+def load_ciphertexts(data: bytes, kind: ContainerKind, params: CKKSParams, context: seal.SEALContext, *,
+                     model_sha256: str, source: str = "<bytes>") -> list[seal.Ciphertext]:
     """The ciphertexts of a container (server side: input images; client side: logits)."""
     _, parts = unpack(data, kind, source=source, params_sha256=params.digest(), model_sha256=model_sha256)
     return [seal_load(seal.Ciphertext, context, blob, what=f"{source} ({name})") for name, blob in parts.items()]
 
 
-def pack_ciphertexts(cts: Sequence[seal.Ciphertext], kind: str, params: CKKSParams, *, model_sha256: str,
+def pack_ciphertexts(cts: Sequence[seal.Ciphertext], kind: ContainerKind, params: CKKSParams, *, model_sha256: str,
                      **header: Any) -> bytes:
     """Serialise ciphertexts into a container of ``kind``."""
     return pack(kind, [(f"ct{n}", seal_to_bytes(ct)) for n, ct in enumerate(cts)],

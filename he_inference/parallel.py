@@ -6,12 +6,15 @@ among the workers by estimated cost; each worker runs every instruction its shar
 on (cheap shared work such as a convolution's baby-step rotations is duplicated rather than
 shipped), and a ciphertext a worker needs from another is written once to a RAM file by its
 producer and read by the consumer. One barrier per layer; each worker pre-encodes only the
-plaintexts of its own instructions, so memory is split too.
+plaintexts of its own instructions, so memory is split too. The costs are the compiler's
+cost model (:mod:`he_inference.passes.cost`) at the levels of the model's one level
+assignment (:mod:`he_inference.passes.levels`), the same one every worker's engine uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import multiprocessing as mp
 import os
 import shutil
@@ -23,50 +26,54 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tenseal.sealapi as seal
 
 from federation.errors import CiphertextError, HEError
+from he_inference.artifact import CompiledModel
 from he_inference.engine import Engine, LayerTiming
-from he_inference.keys import INPUT_KIND, OUTPUT_KIND, PublicKeys, load_ciphertexts, require_keys_for
-from he_inference.plan import Kind, Plan
-from he_inference.serial import pack, unpack
+from he_inference.keys import PublicKeys, load_ciphertexts, require_keys_for
+from he_inference.passes.cost import TRANSFER_COST, instr_cost
+from he_inference.passes.program import Kind, Plan
+from he_inference.serial import SCRATCH_DIR, ContainerKind, pack, unpack
 
-if TYPE_CHECKING:
-    from he_inference.compiler import CompiledModel
-
-__all__ = ["ParallelEngine", "WorkerTask", "instr_cost", "schedule"]
-
-# Relative costs (one plaintext multiplication at the top level = 1), from ../notes/ckks-costs.
-_COST = {Kind.ROT: 20.0, Kind.SQUARE: 26.0, Kind.MUL: 26.0, Kind.ADD_PLAIN: 0.4}
-TRANSFER_COST = 12.0   # save (compressing) + load of one ciphertext
+__all__ = ["ParallelEngine", "WorkerMessage", "WorkerTask", "schedule"]
 
 
-def instr_cost(plan: Plan, idx: int, level: int, top: int) -> float:
-    """Estimated cost of one instruction at ``level``: SEAL's work is linear in the primes left."""
-    ins = plan.instrs[idx]
-    if ins.kind is Kind.MULACC:
-        base = 1.4 * len(ins.srcs) + 4.0
-    elif ins.kind is Kind.ADD:
-        base = 0.4 * (len(ins.srcs) - 1)
-    else:
-        base = _COST[ins.kind]
-    return base * (level + 2) / (top + 2)
+class WorkerMessage(enum.StrEnum):
+    """The first element of every message between the coordinator and a worker."""
+
+    READY = "ready"      # worker → coordinator: plaintexts encoded (seconds)
+    KEYS = "keys"        # coordinator → worker: load evaluation keys (key id, file)
+    OK = "ok"            # worker → coordinator: keys loaded
+    FORGET = "forget"    # coordinator → worker: release a key id
+    RUN = "run"          # coordinator → worker: a new pass (scratch folder, input file, key id)
+    GO = "go"            # coordinator → worker: run layer n
+    DONE = "done"        # worker → coordinator: layer n done (seconds, counts)
+    STOP = "stop"        # coordinator → worker: exit
+    ERROR = "error"      # worker → coordinator: a traceback
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerTask:
     """What one worker does in one layer: read ``loads`` (register, from worker), run ``instrs``, write ``saves``."""
 
+    loads: tuple[tuple[int, int], ...] = ()
+    instrs: tuple[int, ...] = ()
+    saves: tuple[int, ...] = ()
+    drop: tuple[int, ...] = ()
+
+
+@dataclass
+class _Draft:
     loads: list[tuple[int, int]] = field(default_factory=list)
     instrs: list[int] = field(default_factory=list)
     saves: list[int] = field(default_factory=list)
     drop: list[int] = field(default_factory=list)
-    cost: float = 0.0
 
 
-def schedule(plan: Plan, workers: int, cost: Callable[[int], float]) -> list[list[WorkerTask]]:
+def schedule(plan: Plan, workers: int, cost: Callable[[int], float]) -> tuple[tuple[WorkerTask, ...], ...]:
     """Per layer, per worker: the instructions, transfers and releases (see the module docstring).
 
     Every instruction runs on at least one worker; the plan's outputs are saved by a worker
@@ -86,7 +93,7 @@ def schedule(plan: Plan, workers: int, cost: Callable[[int], float]) -> list[lis
     outputs = set(plan.outputs)
     where: dict[int, set[int]] = {r: set(range(workers)) for r in range(plan.n_inputs)}
     made: dict[int, set[int]] = {}
-    tasks = [[WorkerTask() for _ in range(workers)] for _ in plan.layers]
+    tasks = [[_Draft() for _ in range(workers)] for _ in plan.layers]
     for li, (_, s, e) in enumerate(plan.layers):
         handed_on = [plan.instrs[i].dst for i in range(s, e)
                      if last_read.get(plan.instrs[i].dst, -1) > li or plan.instrs[i].dst in outputs]
@@ -100,7 +107,7 @@ def schedule(plan: Plan, workers: int, cost: Callable[[int], float]) -> list[lis
             chosen[k] |= cones[r]
         for k in range(workers):
             t = tasks[li][k]
-            t.instrs, t.cost = sorted(chosen[k]), load[k]
+            t.instrs = sorted(chosen[k])
             ext = sorted({x for i in t.instrs for x in plan.instrs[i].srcs if x not in producer or producer[x] < s})
             for x in ext:
                 if k not in where[x]:
@@ -119,11 +126,8 @@ def schedule(plan: Plan, workers: int, cost: Callable[[int], float]) -> list[lis
         end = max(last_read.get(r, li), li)
         for k in range(workers):
             tasks[end][k].drop.append(r)
-    for row in tasks:
-        for t in row:
-            t.saves = sorted(set(t.saves))
-            t.drop = sorted(set(t.drop) - set(t.saves) - outputs)
-    return tasks
+    return tuple(tuple(WorkerTask(tuple(t.loads), tuple(t.instrs), tuple(sorted(set(t.saves))),
+                                  tuple(sorted(set(t.drop) - set(t.saves) - outputs))) for t in row) for row in tasks)
 
 
 def _added(plan: Plan, producer: dict[int, int], where: dict[int, set[int]], fresh: set[int], start: int, k: int,
@@ -148,37 +152,37 @@ def _cone(plan: Plan, producer: dict[int, int], reg: int, start: int) -> set[int
 
 
 # -- the worker process ----------------------------------------------------------------------
-def _worker(conn: Connection, model_path: str, digest: str, keys_blob: bytes | None, tasks: list[WorkerTask]) -> None:
+def _worker(conn: Connection, model_path: str, digest: str, keys_blob: bytes | None,
+            tasks: tuple[WorkerTask, ...]) -> None:
     """One worker: its own column of the coordinator's schedule (one task per layer)."""
     try:
-        from he_inference.compiler import CompiledModel
         model = CompiledModel.load(Path(model_path))
         if model.digest != digest:
             raise HEError(f"{model_path} is not the model this server was given")
         keysets = {} if keys_blob is None else {"": PublicKeys.from_bytes(keys_blob, model.params, source="keys")}
-        engine = Engine(model.plan, model.params, instrs={i for t in tasks for i in t.instrs})
-        conn.send(("ready", engine.encode_seconds))
+        engine = Engine(model, instrs={i for t in tasks for i in t.instrs})
+        conn.send((WorkerMessage.READY, engine.encode_seconds))
         while True:
             msg = conn.recv()
-            if msg[0] == "stop":
+            if msg[0] == WorkerMessage.STOP:
                 return
-            if msg[0] == "keys":
+            if msg[0] == WorkerMessage.KEYS:
                 keysets[msg[1]] = PublicKeys.from_bytes(Path(msg[2]).read_bytes(), model.params, source="keys")
-                conn.send(("ok",))
+                conn.send((WorkerMessage.OK,))
                 continue
-            if msg[0] == "forget":
+            if msg[0] == WorkerMessage.FORGET:
                 keysets.pop(msg[1], None)
                 continue
             _, workdir, input_path, key_id = msg
             engine.use_keys(keysets[key_id])
-            inputs = load_ciphertexts(Path(input_path).read_bytes(), INPUT_KIND, model.params, engine.ctx,
-                                      model_sha256=model.digest, source="upload")
+            inputs = load_ciphertexts(Path(input_path).read_bytes(), ContainerKind.ENCRYPTED_IMAGE, model.params,
+                                      engine.ctx, model_sha256=model.digest, source="upload")
             regs: dict[int, seal.Ciphertext] = dict(enumerate(inputs))
             for li, task in enumerate(tasks):
-                if conn.recv() != ("go", li):
+                if conn.recv() != (WorkerMessage.GO, li):
                     raise HEError("worker out of step with the coordinator")
                 t0 = time.perf_counter()
-                counts = Counter[str]()
+                counts = Counter[Kind]()
                 for r, _src in task.loads:
                     ct = seal.Ciphertext()
                     ct.load(engine.ctx, os.path.join(workdir, f"r{r}"))
@@ -190,12 +194,12 @@ def _worker(conn: Connection, model_path: str, digest: str, keys_blob: bytes | N
                     os.replace(path + ".tmp", path)
                 for r in task.drop:
                     regs.pop(r, None)
-                conn.send(("done", li, time.perf_counter() - t0, dict(counts)))
+                conn.send((WorkerMessage.DONE, li, time.perf_counter() - t0, dict(counts)))
             regs.clear()
     except (EOFError, KeyboardInterrupt):
         return
     except BaseException:  # report, then exit: the coordinator raises it
-        conn.send(("error", traceback.format_exc()))
+        conn.send((WorkerMessage.ERROR, traceback.format_exc()))
 
 
 class ParallelEngine:
@@ -213,34 +217,31 @@ class ParallelEngine:
         if workers < 1:
             raise HEError(f"workers must be ≥ 1, got {workers}")
         self.workers = workers
-        probe = Engine(self.model.plan, self.model.params, instrs=())
-        self.tasks = schedule(self.model.plan, workers,
-                              lambda i: instr_cost(self.model.plan, i, probe.operand_level(i), probe.top_level))
-        self._tmp = tempfile.mkdtemp(prefix="privrad-he-run-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        plan, levels = model.plan, model.levels
+        self.tasks = schedule(plan, workers, lambda i: instr_cost(plan, i, levels.operand_level[i], levels.top))
+        self._tmp = tempfile.mkdtemp(prefix="privrad-he-run-", dir=SCRATCH_DIR)
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         blob = None if keys is None else keys.blob
         for k in range(workers):
             parent, child = ctx.Pipe()
-            column = [row[k] for row in self.tasks]
+            column = tuple(row[k] for row in self.tasks)
             proc = ctx.Process(target=_worker, args=(child, str(model_path), model.digest, blob, column), daemon=True)
             proc.start()
             child.close()  # so that a dead worker reads as EOF here
             self._conns.append(parent)
             self._procs.append(proc)
-        t0 = time.perf_counter()
         try:
-            encode = [self._recv(k, "ready")[1] for k in range(workers)]
+            encode = [self._recv(k, WorkerMessage.READY)[1] for k in range(workers)]
         except BaseException:
             self.close()
             raise
         self.encode_seconds = max(encode)
-        self.startup_seconds = time.perf_counter() - t0
         if progress is not None:
             progress(f"{workers} workers ready: plaintexts encoded in {self.encode_seconds:.1f} s")
 
-    def _recv(self, k: int, kind: str) -> tuple[Any, ...]:
+    def _recv(self, k: int, kind: WorkerMessage) -> tuple[Any, ...]:
         try:
             while not self._conns[k].poll(1.0):
                 if not self._procs[k].is_alive():
@@ -248,7 +249,7 @@ class ParallelEngine:
             msg = self._conns[k].recv()
         except EOFError as exc:
             raise HEError(f"HE worker {k} died (exit code {self._procs[k].exitcode})") from exc
-        if msg[0] == "error":
+        if msg[0] == WorkerMessage.ERROR:
             raise HEError(f"HE worker {k} failed:\n{msg[1]}")
         if msg[0] != kind:
             raise HEError(f"HE worker {k}: unexpected {msg[0]!r}")
@@ -261,16 +262,16 @@ class ParallelEngine:
         Path(path).write_bytes(keys.blob)   # once, in RAM, rather than pickled down every pipe
         try:
             for c in self._conns:
-                c.send(("keys", key_id, path))
+                c.send((WorkerMessage.KEYS, key_id, path))
             for k in range(self.workers):
-                self._recv(k, "ok")
+                self._recv(k, WorkerMessage.OK)
         finally:
             os.unlink(path)
 
     def forget_keys(self, key_id: str) -> None:
         """Release a client's evaluation keys in every worker."""
         for c in self._conns:
-            c.send(("forget", key_id))
+            c.send((WorkerMessage.FORGET, key_id))
 
     def infer(self, upload: bytes, *, key_id: str = "", progress: Callable[[str, int, int], None] | None = None
               ) -> tuple[bytes, list[LayerTiming]]:
@@ -279,7 +280,7 @@ class ParallelEngine:
         ``key_id`` selects keys given to :meth:`add_keys` (default: the keys the pool started with).
         """
         model = self.model
-        _, parts = unpack(upload, INPUT_KIND, source="upload", params_sha256=model.params.digest(),
+        _, parts = unpack(upload, ContainerKind.ENCRYPTED_IMAGE, source="upload", params_sha256=model.params.digest(),
                           model_sha256=model.digest)
         if len(parts) != model.plan.n_inputs:
             raise CiphertextError(f"upload: the model takes {model.plan.n_inputs} ciphertexts, got {len(parts)}")
@@ -288,31 +289,29 @@ class ParallelEngine:
             input_path = os.path.join(workdir, "input")
             Path(input_path).write_bytes(upload)
             for c in self._conns:
-                c.send(("run", workdir, input_path, key_id))
+                c.send((WorkerMessage.RUN, workdir, input_path, key_id))
             timings = []
             for li, (name, _, _) in enumerate(model.plan.layers):
                 t0 = time.perf_counter()
                 for c in self._conns:
-                    c.send(("go", li))
-                timing = LayerTiming(name)
+                    c.send((WorkerMessage.GO, li))
+                counts = Counter[Kind]()
                 for k in range(self.workers):
-                    _, _, _, counts = self._recv(k, "done")
-                    timing.counts.update(counts)
-                timing.seconds = time.perf_counter() - t0
-                timings.append(timing)
+                    counts.update(self._recv(k, WorkerMessage.DONE)[3])
+                timings.append(LayerTiming(name, time.perf_counter() - t0, dict(counts)))
                 if progress is not None:
                     progress(name, li + 1, len(model.plan.layers))
             out = [(f"ct{n}", Path(workdir, f"r{r}").read_bytes()) for n, r in enumerate(model.plan.outputs)]
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        return pack(OUTPUT_KIND, out, params_sha256=model.params.digest(), model_sha256=model.digest,
+        return pack(ContainerKind.ENCRYPTED_LOGITS, out, params_sha256=model.params.digest(), model_sha256=model.digest,
                     classes=list(model.classes)), timings
 
     def close(self) -> None:
         """Stop the workers and remove the scratch directory."""
         for c in self._conns:
             with contextlib.suppress(BrokenPipeError, OSError):
-                c.send(("stop",))
+                c.send((WorkerMessage.STOP,))
         for p in self._procs:
             p.join(timeout=10)
             if p.is_alive():

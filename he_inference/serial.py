@@ -14,6 +14,7 @@ private temporary file, in RAM (``/dev/shm``) where the platform has one.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -26,16 +27,25 @@ import tenseal.sealapi as seal
 
 from federation.errors import CiphertextError
 
-__all__ = ["VERSION", "pack", "seal_load", "seal_to_bytes", "unpack"]
+__all__ = ["MAGIC", "SCRATCH_DIR", "VERSION", "ContainerKind", "pack", "seal_load", "seal_to_bytes", "unpack"]
 
 VERSION = 1
 MAGIC = b"PRIVRAD-HE "
-_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+SCRATCH_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None  # RAM, or default
 T = TypeVar("T")
 
 
+class ContainerKind(enum.StrEnum):
+    """What a container holds (its first line names it)."""
+
+    SECRET_KEYS = "secret-keys"
+    PUBLIC_KEYS = "public-keys"
+    ENCRYPTED_IMAGE = "encrypted-image"
+    ENCRYPTED_LOGITS = "encrypted-logits"
+
+
 def _scratch() -> str:
-    fd, path = tempfile.mkstemp(dir=_TMP, prefix="privrad-he-")
+    fd, path = tempfile.mkstemp(dir=SCRATCH_DIR, prefix="privrad-he-")
     os.close(fd)
     return path
 
@@ -65,14 +75,14 @@ def seal_load(factory: Callable[[], T], context: seal.SEALContext, blob: bytes, 
         os.unlink(path)
 
 
-def pack(kind: str, parts: Sequence[tuple[str, bytes]], **header: Any) -> bytes:
+def pack(kind: ContainerKind, parts: Sequence[tuple[str, bytes]], **header: Any) -> bytes:
     """A container of ``kind`` holding ``parts`` (name, bytes) with ``header`` fields."""
     body = b"".join(b for _, b in parts)
     head = dict(header, parts=[[n, len(b)] for n, b in parts], body_sha256=hashlib.sha256(body).hexdigest())
     return MAGIC + f"{kind} v{VERSION}\n".encode() + json.dumps(head).encode() + b"\n" + body
 
 
-def unpack(data: bytes, kind: str, *, source: str = "<bytes>",
+def unpack(data: bytes, kind: ContainerKind, *, source: str = "<bytes>",
            **expect: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Parse a container, checking its kind, version, body hash and the ``expect``-ed header fields.
 

@@ -28,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from federation.errors import CiphertextError, HEError, KeyMaterialError
-from he_inference.compiler import CompiledModel
+from he_inference.artifact import CompiledModel
 from he_inference.keys import PublicKeys, key_id
 from he_inference.server import InferenceServer
 
-__all__ = ["ServiceLimits", "create_app", "free_port", "serve", "start_service"]
+__all__ = ["ServiceLimits", "create_app", "serve"]
 
 OCTET = "application/octet-stream"
 
@@ -49,8 +50,15 @@ class ServiceLimits:
     max_key_bytes: int = 1024 * 2**20
     max_clients: int = 4
 
+    def __post_init__(self) -> None:
+        if min(self.max_upload_bytes, self.max_key_bytes, self.max_clients) < 1:
+            raise ValueError(f"`max_upload_bytes`, `max_key_bytes` and `max_clients` must be ≥ 1, got "
+                             f"{self.max_upload_bytes}, {self.max_key_bytes}, {self.max_clients}")
+
 
 class RefusalError(Exception):
+    """A request the service refuses: the HTTP status, a short error name and the detail."""
+
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
@@ -84,7 +92,7 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
     lock = threading.Lock()   # one encrypted pass at a time: each already uses every worker
     app = FastAPI(title="privrad encrypted inference", version="1")
     info: dict[str, Any] = {
-        **model.client().to_dict(), "input_ciphertexts": model.plan.n_inputs, "depth": model.plan.depth,
+        **model.client().to_dict(), "input_ciphertexts": model.plan.n_inputs, "depth": model.depth,
         "workers": workers,
         "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_key_bytes": limits.max_key_bytes,
                    "max_clients": limits.max_clients},
@@ -162,8 +170,6 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
 def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
           tls_cert: Path | None = None, tls_key: Path | None = None, limits: ServiceLimits | None = None) -> None:
     """Run the service with uvicorn until interrupted; the worker pool is stopped on the way out."""
-    import uvicorn
-
     if (tls_cert is None) != (tls_key is None):
         raise HEError("TLS needs both --tls-cert and --tls-key")
     app = create_app(model_path, workers=workers, limits=limits)
@@ -172,45 +178,3 @@ def serve(model_path: Path, *, host: str = "127.0.0.1", port: int = 8000, worker
                     ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)
     finally:
         app.state.inference.close()
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_service(model_path: Path, *, port: int | None = None, workers: int = 2, extra: list[str] | None = None,
-                  tls: tuple[Path, Path, Path] | None = None, timeout: float = 300.0) -> tuple[Any, str]:
-    """Start ``privrad he serve`` as a child process on loopback; returns (process, URL) once healthy.
-
-    ``tls`` = (certificate, key, CA certificate) serves HTTPS, checked against that CA.
-    """
-    import ssl
-    import subprocess
-    import sys
-
-    import httpx
-
-    port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli.main", "he", "serve", "--model", str(model_path),
-                             "--port", str(port), "--workers", str(workers), *(extra or []),
-                             *(["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else [])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=str(tls[2])) if tls else True
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2, verify=verify).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise HEError(f"the encrypted-inference service did not start:\n{output[-2000:]}")
-        time.sleep(0.5)

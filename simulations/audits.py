@@ -23,9 +23,9 @@ from federation.errors import ConfigError, DataError
 from federation.ingest import Preprocess, concat, load_dataset, site_folders
 from federation.plots import plot_inversion, plot_leakage
 from federation.storage import atomic_write_json, load_checkpoint
-from he_inference.check import compile_checkpoint
+from he_inference.client import encrypt_image
+from he_inference.compiler import compile_checkpoint
 from he_inference.keys import SecretKeys
-from he_inference.server import encrypt_image
 from privacy.inversion import (
     Grads,
     InversionConfig,
@@ -161,7 +161,7 @@ def measure_leakage(test: Path, *, model_path: Path, key: BlockKey, out: Path, n
     DataError
         ``test`` is not a labelled DICOM folder or holds fewer than two slices.
     """
-    compiled, _ = compile_checkpoint(model_path)
+    compiled = compile_checkpoint(model_path).compiled
     pre = Preprocess(**compiled.meta.get("preprocess", {}))
     data = load_dataset(test, preprocess=pre)
     count = min(n, len(data))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import ConfigError
+from federation.net import free_port
 from federation.pki import make_certs, write_connection
 from privacy.policy import SitePolicy
 
-__all__ = ["LocalFederation", "free_port"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["LocalFederation"]
 
 
 class LocalFederation:

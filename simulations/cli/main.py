@@ -21,12 +21,12 @@ from federation.pki import make_certs, write_connection
 from federation.storage import atomic_write_json, load_checkpoint
 from federation.train import EpochStats, TrainConfig, default_lr
 from federation.train import evaluate as evaluate_model
-from he_inference.cli import he_app
 from privacy.inversion import InversionConfig
 from privacy.policy import SitePolicy
 from simulations.audits import run_inversion_audit
 from simulations.budget import SweepConfig, SweepPoint, load_sweep, parse_epsilons, plan, run_sweep
 from simulations.centralised import train_centralised
+from simulations.cli.he import he_app
 from simulations.cli.storage import keyed_app, leakage, vault_app
 from simulations.federated import run_federated
 from simulations.local import run_local

@@ -15,18 +15,20 @@ from torch import nn
 from typer.testing import CliRunner
 
 from federation.model import ArchConfig, HeadKind, PolyAct, build_model
-from federation.storage import save_checkpoint
-from he_inference.check import compile_checkpoint, read_image
-from he_inference.client import ServiceClient
-from he_inference.compiler import compile_model
+from federation.pki import make_certs
+from federation.storage import load_checkpoint, save_checkpoint
+from he_inference.client import ServiceClient, decrypt_logits, encrypt_image
+from he_inference.compiler import compile_checkpoint, compile_model
+from he_inference.images import read_image
 from he_inference.keys import SecretKeys
-from he_inference.server import encrypt_image
-from he_inference.service import start_service
 from simulations.cli import app
+from simulations.he_demo import start_service
 
 CLASSES = ["normal", "cyst", "tumour"]
 OCTET = {"content-type": "application/octet-stream"}
 MAX_UPLOAD_MB = 2.0
+PROB_TOL = 1e-4         # HE class probabilities vs PyTorch float32's
+LOGIT_REL_TOL = 1e-3    # HE logits vs PyTorch float32's, relative to the largest logit magnitude
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     model = build_model(ArchConfig(input_size=32, channels=(2, 4), head=HeadKind.FLATTEN), seed=7).eval()
     ckpt = root / "model.pt"
     save_checkpoint(ckpt, model, meta={"classes": CLASSES, "preprocess": {"size": 32}})
-    compiled, _ = compile_checkpoint(ckpt)
+    compiled = compile_checkpoint(ckpt).compiled
     he = root / "model.he"
     compiled.save(he)
     proc, url = start_service(he, workers=2, extra=["--max-upload-mb", str(MAX_UPLOAD_MB)])
@@ -56,14 +58,13 @@ def test_classify_through_the_service_matches_the_plaintext_model(service, tiny_
 
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout[result.stdout.index("["):])
-    from federation.storage import load_checkpoint
     model = load_checkpoint(ckpt).model.eval()
     for item, path in zip(out, dicoms, strict=True):
         with torch.no_grad():
             ref = torch.softmax(model(torch.as_tensor(read_image(path, {"size": 32})[None],
                                                       dtype=torch.float32)), 1)[0].double().numpy()
         got = np.array([item["probabilities"][c] for c in CLASSES])
-        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got, ref, atol=PROB_TOL, rtol=0)
     assert (root / "keys" / "secret.key").is_file()
 
 
@@ -97,7 +98,7 @@ def test_every_malformed_request_gets_a_named_4xx_and_the_service_keeps_serving(
         assert reply.json()["error"] == error
         assert detail in reply.json()["detail"]
 
-    assert client.classify(image)["prediction"] in CLASSES  # still serving
+    assert client.classify(image).prediction.label in CLASSES  # still serving
     info = httpx.get(f"{url}/model").json()
     assert info["model_sha256"] == client.model.digest
     assert info["input_ciphertexts"] == 1
@@ -119,23 +120,19 @@ def test_eight_concurrent_classifications_all_succeed(service) -> None:  # type:
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(post, uploads))
 
-    from federation.storage import load_checkpoint
-    from he_inference.server import decrypt_logits
     with torch.no_grad():
         ref = load_checkpoint(ckpt).model.eval()(torch.as_tensor(images, dtype=torch.float32)).double().numpy()
     got = np.array([decrypt_logits(client.model, client.keys, r) for r in replies])
     assert got.shape == (8, 3)
-    np.testing.assert_allclose(got, ref, atol=1e-3 * np.abs(ref).max(), rtol=0)  # each reply is its own image's
+    # each reply is its own image's
+    np.testing.assert_allclose(got, ref, atol=LOGIT_REL_TOL * np.abs(ref).max(), rtol=0)
 
 
 @pytest.mark.slow
 def test_the_service_over_tls_answers_only_clients_that_trust_its_ca(tmp_path: Path) -> None:
-    from federation.pki import make_certs
-
     model = build_model(ArchConfig(input_size=16, channels=(2,), head=HeadKind.FLATTEN), seed=9).eval()
     save_checkpoint(tmp_path / "m.pt", model, meta={"classes": CLASSES, "preprocess": {"size": 16}})
-    compiled, _ = compile_checkpoint(tmp_path / "m.pt")
-    compiled.save(tmp_path / "m.he")
+    compile_checkpoint(tmp_path / "m.pt").compiled.save(tmp_path / "m.he")
     certs = make_certs(tmp_path / "certs", sites=["unused"], hosts=["127.0.0.1"])
     proc, url = start_service(tmp_path / "m.he", workers=1,
                               tls=(certs.superlink_cert, certs.superlink_key, certs.ca_cert))
@@ -145,10 +142,11 @@ def test_the_service_over_tls_answers_only_clients_that_trust_its_ca(tmp_path: P
             httpx.get(f"{url}/health", timeout=10)   # the system trust store does not know this CA
         with ServiceClient(url, tmp_path / "keys", ca_cert=certs.ca_cert) as client:
             image = np.random.default_rng(3).uniform(0, 1, client.model.image_shape)
-            got = client.classify(image)["logits"]
+            got = client.classify(image).prediction.logits
         with torch.no_grad():
             ref = model(torch.as_tensor(image[None], dtype=torch.float32))[0].double().numpy()
-        np.testing.assert_allclose([got[c] for c in CLASSES], ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
+        np.testing.assert_allclose([got[c] for c in CLASSES], ref, atol=LOGIT_REL_TOL * np.abs(ref).max(),
+                                   rtol=0)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -13,7 +13,7 @@ import torch
 from federation.errors import ConfigError, DataError, UnsupportedLayerError
 from federation.ingest import Preprocess, load_dataset
 from federation.model import INPUT_MEAN, INPUT_STD, ArchConfig, HeadKind, build_model
-from he_inference.ir import trace
+from he_inference.passes.trace import trace
 from privacy.keyed import BlockKey, adapt_to_key, apply_key, invert_key, recover_key
 from privacy.leakage import phash_distance, render_bytes
 from simulations.audits import measure_leakage

@@ -5,23 +5,39 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from federation.console import console, out_console, progress_bar
+from federation.storage import atomic_write_bytes, atomic_write_json, load_checkpoint
+from he_inference.artifact import CompiledModel, MetaKey
+from he_inference.bench import run_bench
+from he_inference.check import he_check
+from he_inference.client import ServiceClient, encrypt_image, prediction
+from he_inference.compiler import compile_checkpoint, load_calibration
+from he_inference.images import read_image
+from he_inference.keys import PublicKeys, SecretKeys
+from he_inference.passes.program import Kind
+from he_inference.roundtrip import LayerRow, layer_table
+from he_inference.serial import ContainerKind, unpack
+from he_inference.server import InferenceServer
+from he_inference.service import ServiceLimits
+from he_inference.service import serve as run_service
+from simulations.he_demo import run_demo
 
 he_app = typer.Typer(help="CKKS encrypted inference: the hospital keeps the secret key, the server sees ciphertext.",
                      no_args_is_help=True)
 
 
-def _print_layers(rows: list[dict[str, Any]], total: float, title: str) -> None:
+def _print_layers(rows: Sequence[LayerRow], total: float, title: str) -> None:
     table = Table("layer", "seconds", "rotations", "plain mults", "ct mults", title=title)
     for r in rows:
-        table.add_row(str(r["layer"]), f"{r['seconds_median']:.3f}", str(r.get("rot", 0)), str(r.get("mulacc", 0)),
-                      str(r.get("square", 0) + r.get("mul", 0)))
+        table.add_row(r.layer, f"{r.seconds_median:.3f}", str(r.count(Kind.ROT)), str(r.count(Kind.MULACC)),
+                      str(r.count(Kind.SQUARE) + r.count(Kind.MUL)))
     table.add_row("[bold]total", f"[bold]{total:.3f}", "", "", "")
     out_console.print(table)
 
@@ -43,33 +59,27 @@ def compile_(
     ``model.he`` goes to the inference server, and the value ranges measured on the
     calibration images go with it, so they come from public or synthetic images by default.
     """
-    from he_inference.check import compile_checkpoint
-
     if calibration is not None and private_calibration is not None:
         raise typer.BadParameter("give --calibration (public) or --private-calibration, not both")
     if calibration is not None and re.fullmatch(r"site-\d+", calibration.resolve().name):
         raise typer.BadParameter(f"{calibration} looks like a hospital's own data: calibrate on public images "
                                  "(e.g. DATA/public), or pass it as --private-calibration to accept that its "
                                  "value ranges go into model.he", param_hint="--calibration")
-    calib, source = None, "uniform noise"
+    ckpt = load_checkpoint(model)
+    calib = None
     folder = private_calibration or calibration
     if folder is not None:
-        from federation.ingest import Preprocess, load_dataset
-        from federation.storage import load_checkpoint
-        meta = load_checkpoint(model).meta
-        ds = load_dataset(folder, classes=meta["classes"], preprocess=Preprocess(**meta["preprocess"]))
-        calib = ds.images[:n_calibration].double().numpy()
-        source = f"{'private' if private_calibration is not None else 'public'}: {len(calib)} images"
+        calib = load_calibration(folder, meta=ckpt.meta, n=n_calibration, private=private_calibration is not None)
         if private_calibration is not None:
             console.print(f"[yellow]warning:[/yellow] model.he will carry the per-layer maximum |value| measured on "
-                          f"{len(calib)} of {folder}'s own images; whoever receives model.he (the inference "
+                          f"{len(calib.images)} of {folder}'s own images; whoever receives model.he (the inference "
                           "server) learns those statistics")
     t0 = time.perf_counter()
-    compiled, _ = compile_checkpoint(model, calibration=calib, calibration_source=source)
+    compiled = compile_checkpoint(model, checkpoint=ckpt, calibration=calib).compiled
     digest = compiled.save(out)
     p = compiled.params
     out_console.print(f"{out}: N={p.poly_degree}, moduli {list(p.coeff_bits)} bits, scale 2^{p.scale_bits}, "
-                      f"depth {compiled.plan.depth}, {compiled.plan.n_inputs} input ciphertexts, "
+                      f"depth {compiled.depth}, {compiled.plan.n_inputs} input ciphertexts, "
                       f"{len(compiled.plan.steps)} rotation steps, {len(compiled.plan.masks)} plaintext masks "
                       f"({time.perf_counter() - t0:.1f} s); sha256 {digest[:16]}…")
 
@@ -80,9 +90,6 @@ def keygen(
     out: Annotated[Path, typer.Option(help="Key folder: secret.key (keep it) and public.keys (send it).")],
 ) -> None:
     """Client: a secret key and the evaluation keys this model needs (relinearisation + its rotations)."""
-    from he_inference.compiler import CompiledModel
-    from he_inference.keys import SecretKeys
-
     m = CompiledModel.load(model)
     t0 = time.perf_counter()
     keys = SecretKeys.generate(m.params, m.plan.steps)
@@ -100,17 +107,11 @@ def encrypt(
     out: Annotated[Path, typer.Option(help="Output .enc file (one image) or folder (several).")],
 ) -> None:
     """Client: preprocess as in training, pack, encrypt with the secret key (seeded, half-size)."""
-    from federation.storage import atomic_write_bytes
-    from he_inference.check import read_image
-    from he_inference.compiler import CompiledModel
-    from he_inference.keys import SecretKeys
-    from he_inference.server import encrypt_image
-
     m = CompiledModel.load(model)
     sk = SecretKeys.load(keys, m.params)
     for img in images:
         target = out if len(images) == 1 else out / f"{img.stem}.enc"
-        data = encrypt_image(m, sk, read_image(img, m.meta.get("preprocess", {})))
+        data = encrypt_image(m, sk, read_image(img, m.meta.get(MetaKey.PREPROCESS, {})))
         atomic_write_bytes(target, data)
         out_console.print(f"{img} → {target} ({len(data) / 1e6:.2f} MB)")
 
@@ -125,12 +126,6 @@ def infer(
     workers: Annotated[int, typer.Option(help="Processes for the encrypted forward pass.")] = 2,
 ) -> None:
     """Server: run the whole network on the ciphertext; never sees the secret key or the image."""
-    from federation.storage import atomic_write_bytes
-    from he_inference.check import layer_table
-    from he_inference.compiler import CompiledModel
-    from he_inference.keys import PublicKeys
-    from he_inference.server import InferenceServer
-
     m = CompiledModel.load(model)
     pk = PublicKeys.load(eval_keys, m.params)
     with InferenceServer(m, pk, workers=workers, model_path=model, progress=console.print) as server, \
@@ -151,16 +146,12 @@ def decrypt(
     keys: Annotated[Path, typer.Option(help="The key folder from keygen.")],
 ) -> None:
     """Client: decrypt the logits; prints class probabilities as JSON."""
-    from he_inference.keys import SecretKeys
-    from he_inference.serial import unpack
-    from he_inference.server import prediction
-
     sk = SecretKeys.load(keys)
     data = reply.read_bytes()
-    head, _ = unpack(data, "encrypted-logits", source=str(reply))
+    head, _ = unpack(data, ContainerKind.ENCRYPTED_LOGITS, source=str(reply))
     logits = sk.decrypt(data, model_sha256=None, source=str(reply))
     out_console.print_json(json.dumps({"model_sha256": head["model_sha256"],
-                                       **prediction(logits, head.get("classes") or [])}))
+                                       **prediction(logits, head.get("classes") or []).to_dict()}))
 
 
 @he_app.command()
@@ -172,14 +163,10 @@ def check(
     workers: Annotated[int, typer.Option(help="Server processes.")] = 2,
 ) -> None:
     """The full client → server → client loop on n images, compared with the plaintext model."""
-    from federation.storage import atomic_write_json
-    from he_inference.check import he_check
-
     report = he_check(model, data, n=n, workers=workers, progress=console.print)
-    atomic_write_json(out, report)
-    _print_layers(report["layers"], report["server_s_median"], "median per layer")
-    keys = [k for k in report if k not in ("layers", "definitions", "ckks")]
-    out_console.print_json(json.dumps({k: report[k] for k in keys}))
+    atomic_write_json(out, report.to_dict())
+    _print_layers(report.layers, report.server_s_median, "median per layer")
+    out_console.print_json(json.dumps(report.summary()))
 
 
 @he_app.command()
@@ -194,16 +181,12 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Write the figures (JSON) here too.")] = None,
 ) -> None:
     """Per-layer times and the total of one encrypted classification; ratios against TenSEAL's high-level API."""
-    from federation.storage import atomic_write_json
-    from he_inference.bench import run_bench
-
     report = run_bench(size=size, model_path=model, runs=runs, workers=workers, baseline=baseline,
                        progress=console.print)
-    _print_layers(report["layers"], report["server_s_median"], f"{size}×{size}, median of {runs}")
-    summary = {k: v for k, v in report.items() if k != "layers"}
-    out_console.print_json(json.dumps(summary))
+    _print_layers(report.layers, report.server_s_median, f"{size}×{size}, median of {runs}")
+    out_console.print_json(json.dumps(report.summary()))
     if out is not None:
-        atomic_write_json(out, report)
+        atomic_write_json(out, report.to_dict())
 
 
 
@@ -219,11 +202,8 @@ def serve(
     max_clients: Annotated[int, typer.Option(help="Key sets kept loaded (least recently used leave).")] = 4,
 ) -> None:
     """Server: the encrypted-inference web service (public keys and ciphertext only)."""
-    from he_inference.service import ServiceLimits
-    from he_inference.service import serve as run
-
     console.print(f"encoding the model and starting {workers} worker(s) …")
-    run(model, host=host, port=port, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
+    run_service(model, host=host, port=port, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
         limits=ServiceLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_clients=max_clients))
 
 
@@ -235,11 +215,9 @@ def classify(
     ca_cert: Annotated[Path | None, typer.Option(help="CA certificate to verify an HTTPS service.")] = None,
 ) -> None:
     """Client: encrypt each image, have the service classify it on ciphertext, decrypt; prints JSON."""
-    from he_inference.client import ServiceClient
-
     with ServiceClient(server, keys, ca_cert=ca_cert) as client:
         results = client.classify_files(images)
-    out_console.print_json(json.dumps(results))
+    out_console.print_json(json.dumps([r.to_dict() for r in results]))
 
 
 @he_app.command()
@@ -250,18 +228,16 @@ def demo(
     workers: Annotated[int, typer.Option(help="Server processes.")] = 2,
 ) -> None:
     """Compile the federated model, serve it on loopback, classify one encrypted test slice, print it all."""
-    from he_inference.demo import run_demo
-
     s = run_demo(run, data, out, workers=workers, say=console.print)
-    eps = s["epsilon_spent_max"]
+    eps = s.epsilon_spent_max
     table = Table("", "", title="privrad: federated DP training → encrypted classification")
-    table.add_row("federated model", f"macro-AUC {s['federated_macro_auc']:.3f}, ε ≤ {eps:.2f} per site "
-                  f"(δ = {s['delta']})" if eps is not None else "(no privacy record)")
-    table.add_row("slice", f"{s['slice']} (true label: {s['true_label']})")
-    table.add_row("HE prediction", f"{s['he_prediction']}  " + ", ".join(f"{k} {v:.3f}"
-                                                                       for k, v in s["probabilities"].items()))
-    table.add_row("timings", f"service start {s['service_start_s']:.1f} s, client keys + registration "
-                             f"{s['client_keygen_and_register_s']:.1f} s, encrypted round trip "
-                             f"{s['encrypted_round_trip_s']:.2f} s (server {s['server_s']:.2f} s)")
-    table.add_row("sizes", f"upload {s['upload_bytes'] / 1e6:.2f} MB, download {s['download_bytes'] / 1e6:.2f} MB")
+    table.add_row("federated model", f"macro-AUC {s.federated_macro_auc:.3f}, ε ≤ {eps:.2f} per site "
+                  f"(δ = {s.delta})" if eps is not None else "(no privacy record)")
+    table.add_row("slice", f"{s.slice} (true label: {s.true_label})")
+    table.add_row("HE prediction", f"{s.he_prediction}  " + ", ".join(f"{k} {v:.3f}"
+                                                                    for k, v in s.probabilities.items()))
+    table.add_row("timings", f"service start {s.service_start_s:.1f} s, client keys + registration "
+                             f"{s.client_keygen_and_register_s:.1f} s, encrypted round trip "
+                             f"{s.encrypted_round_trip_s:.2f} s (server {s.server_s:.2f} s)")
+    table.add_row("sizes", f"upload {s.upload_bytes / 1e6:.2f} MB, download {s.download_bytes / 1e6:.2f} MB")
     out_console.print(table)

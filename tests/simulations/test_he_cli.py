@@ -10,11 +10,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from federation.ingest import Preprocess, read_slice
 from federation.model import ArchConfig, HeadKind, build_model
-from federation.storage import save_checkpoint
+from federation.storage import load_checkpoint, save_checkpoint
+from he_inference.artifact import CompiledModel
 from simulations.cli import app
 
 CLASSES = ["normal", "cyst", "tumour"]
+LOGIT_REL_TOL = 1e-3    # HE logits vs PyTorch float32's, relative to the largest logit magnitude
+MIN_PRECISION_BITS = 10
+AUC_TOL = 0.005         # macro-AUC on HE logits vs on plaintext logits
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +52,12 @@ def test_compile_keygen_encrypt_infer_decrypt_match_the_plaintext_model(checkpoi
     for r in results:
         assert r.exit_code == 0, r.output
     assert "model.he will carry the per-layer maximum" in results[0].output  # the private-calibration warning
-    from he_inference.compiler import CompiledModel
     assert CompiledModel.load(he).meta["calibration"] == "private: 12 images"
     out = json.loads(results[-1].stdout[results[-1].stdout.index("{"):])
-    from federation.ingest import Preprocess, read_slice
-    from federation.storage import load_checkpoint
     with torch.no_grad():
         ref = load_checkpoint(checkpoint).model.eval()(read_slice(dicom, Preprocess(size=32))[None])[0]
     got = np.array([out["logits"][c] for c in CLASSES])
-    np.testing.assert_allclose(got, ref.double().numpy(), atol=1e-3 * float(ref.abs().max()), rtol=0)
+    np.testing.assert_allclose(got, ref.double().numpy(), atol=LOGIT_REL_TOL * float(ref.abs().max()), rtol=0)
     assert out["prediction"] == CLASSES[int(ref.argmax())]
     assert isinstance(refused.exception, Exception)
     assert "secret key file" in str(refused.exception)
@@ -81,10 +83,10 @@ def test_check_writes_the_report_fields(checkpoint: Path, tiny_federation: Path,
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["n"] == 3
     assert report["argmax_agreement"] == 1.0
-    assert report["max_abs_logit_err"] <= 1e-3 * report["max_abs_logit"]
-    assert report["precision_bits"] > 10
+    assert report["max_abs_logit_err"] <= LOGIT_REL_TOL * report["max_abs_logit"]
+    assert report["precision_bits"] > MIN_PRECISION_BITS
     assert report["upload_bytes"] > 0
     assert report["download_bytes"] > 0
     assert report["eval_key_bytes"] > 0
-    assert abs(report["auc_macro_he"] - report["auc_macro_plain"]) <= 0.005
+    assert abs(report["auc_macro_he"] - report["auc_macro_plain"]) <= AUC_TOL
     assert [r["layer"] for r in report["layers"]][-1] == "classifier"

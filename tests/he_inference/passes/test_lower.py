@@ -1,0 +1,75 @@
+"""The lowering pass: the plan, run on plain slots, computes what the network computes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from federation.errors import UnsupportedLayerError
+from he_inference.passes.fold import fold
+from he_inference.passes.interpret import SlotSimulator, run_plain, value_ranges
+from he_inference.passes.ir import Network
+from he_inference.passes.layout import choose_packing
+from he_inference.passes.lower import lower
+from he_inference.passes.program import Kind, Plan
+from he_inference.passes.trace import trace
+from tests.he_inference.models import CASES, custom, images
+
+SIM_TOL = 1e-9          # the slot simulator is exact up to float64 rounding
+SLOTS = 8192
+
+
+def _plan(net: Network, x: np.ndarray) -> Plan:
+    return lower(net, packing=choose_packing(net, slots=SLOTS), ranges=value_ranges(net, x))
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES)
+def test_the_packed_plan_on_plain_slots_equals_the_network(make, shape) -> None:  # type: ignore[no-untyped-def]
+    net = fold(trace(make(), image_shape=shape))
+    x = images(shape)
+    plan = _plan(net, x)
+    sim = SlotSimulator(plan)
+
+    got = np.stack([sim.run(plan.input_layout.pack(net.transform.apply(x[i:i + 1])[0], SLOTS)) for i in range(2)])
+
+    ref = run_plain(net, x)
+    np.testing.assert_allclose(got, ref, atol=SIM_TOL * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+def test_the_plan_is_frozen_and_lists_every_layer_in_order() -> None:
+    net = fold(trace(custom(3, 1, 2), image_shape=(1, 16, 16)))
+    plan = _plan(net, images((1, 16, 16)))
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.slots = 1  # type: ignore[misc]
+    assert isinstance(plan.instrs, tuple)
+    assert [span.name for span in plan.layers] == ["0", "2", "3", "4.body.0", "4.body.1", "6"]
+    assert plan.layers[-1].end == len(plan.instrs)
+    assert plan.steps == tuple(sorted({i.step for i in plan.instrs if i.kind is Kind.ROT}))
+
+
+def test_lowering_the_same_network_twice_gives_the_same_plan() -> None:
+    net = fold(trace(custom(5, 2, 3), image_shape=(1, 16, 16)))
+    x = images((1, 16, 16))
+
+    first, second = _plan(net, x), _plan(net, x)
+
+    assert first.instrs == second.instrs
+    assert all(np.array_equal(a, b) for a, b in zip(first.masks, second.masks, strict=True))
+
+
+def test_an_unfolded_normalisation_is_refused() -> None:
+    net = trace(custom(3, 1, 2), image_shape=(1, 16, 16))
+
+    with pytest.raises(UnsupportedLayerError, match=r"^1 \(BatchNorm2d\): not folded"):
+        _plan(net, images((1, 16, 16)))
+
+
+def test_a_plan_whose_layers_leave_a_gap_is_refused_by_field() -> None:
+    net = fold(trace(custom(3, 1, 2), image_shape=(1, 16, 16)))
+    plan = _plan(net, images((1, 16, 16)))
+
+    with pytest.raises(ValueError, match="`layers` must cover the instructions in order"):
+        dataclasses.replace(plan, layers=plan.layers[1:])

@@ -1,0 +1,66 @@
+"""The inference server on one process and on the worker pool, against the plaintext network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from torch import nn
+
+from federation.errors import CiphertextError, HEError, KeyMaterialError
+from federation.model import PolyAct
+from he_inference.client import decrypt_logits, encrypt_image
+from he_inference.compiler import compile_model
+from he_inference.keys import PublicKeys, SecretKeys
+from he_inference.passes.interpret import run_plain
+from he_inference.server import InferenceServer
+from tests.he_inference.conftest import Compiled
+from tests.he_inference.models import SHAPE
+
+HE_REL_TOL = 1e-4   # CKKS at a 40-bit scale, relative to the largest logit magnitude
+STRANGER_FACTOR = 1e3   # a stranger's decryption misses by at least this many tolerances
+
+
+@pytest.mark.slow
+def test_one_and_two_worker_servers_match_plaintext_and_only_the_owner_decrypts(compiled: Compiled) -> None:
+    net, x, model, path, keys = compiled.net, compiled.images, compiled.model, compiled.path, compiled.keys
+    upload = encrypt_image(model, keys, x[0])
+    ref = run_plain(net, x[:1])[0]
+    tol = HE_REL_TOL * np.abs(ref).max()
+
+    public = PublicKeys.from_bytes(keys.public_bytes(), model.params)
+    with InferenceServer(model, public) as one:
+        reply1, _ = one.infer(upload)
+    with InferenceServer(model, public, workers=2, model_path=path) as two:
+        reply2, timings = two.infer(upload)
+        reply2b, _ = two.infer(upload)  # the pool serves several requests
+
+    for reply in (reply1, reply2, reply2b):
+        np.testing.assert_allclose(decrypt_logits(model, keys, reply), ref, atol=tol, rtol=0)
+    assert [t.name for t in timings] == [name for name, _, _ in model.plan.layers]
+    stranger = SecretKeys.generate(model.params, model.plan.steps)
+    assert np.abs(decrypt_logits(model, stranger, reply1) - ref).max() > STRANGER_FACTOR * tol
+
+
+def test_tampered_or_mismatched_ciphertexts_are_refused(compiled: Compiled) -> None:
+    x, model, keys = compiled.images, compiled.model, compiled.keys
+    upload = bytearray(encrypt_image(model, keys, x[0]))
+    server = InferenceServer(model, keys.public())
+
+    upload[-100] ^= 0x01
+    with pytest.raises(CiphertextError, match="modified"):
+        server.infer(bytes(upload))
+    with pytest.raises(CiphertextError, match="holds encrypted-image, expected encrypted-logits"):
+        decrypt_logits(model, keys, encrypt_image(model, keys, x[0]))
+    with pytest.raises(CiphertextError, match="not a privrad HE file"):
+        server.infer(b"\x00" * 100)
+
+    other = compile_model(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), PolyAct(2, 0.5, channels=2),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval(),
+                          image_shape=SHAPE)
+    foreign = encrypt_image(other, SecretKeys.generate(other.params, other.plan.steps), x[0])
+    with pytest.raises(CiphertextError, match=r"made for other (model|CKKS parameters)"):
+        server.infer(foreign)
+    with pytest.raises(KeyMaterialError, match="generated for another model"):
+        InferenceServer(model, SecretKeys.generate(model.params, other.plan.steps).public())
+    with pytest.raises(HEError, match=r"image shape \(1, 8, 8\) does not match the model's input \(1, 16, 16\)"):
+        encrypt_image(model, keys, np.zeros((1, 8, 8)))
