@@ -37,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,20 @@ from federation.train import TrainConfig, evaluate, train_epochs
 from privacy.membership import LOW_FPRS, dp_tpr_bound, membership_audit
 from privacy.policy import SitePolicy
 
-__all__ = ["SweepConfig", "SweepPoint", "aggregate", "load_sweep", "parse_epsilons", "plan", "run_sweep",
-           "split_members"]
+__all__ = [
+    "PointSummary",
+    "Stats",
+    "SweepConfig",
+    "SweepPoint",
+    "SweepSummary",
+    "aggregate",
+    "load_sweep",
+    "parse_epsilons",
+    "plan",
+    "run_sweep",
+    "split_members",
+    "summarise",
+]
 
 log = logging.getLogger(__name__)
 
@@ -394,8 +406,8 @@ def _check_settings(cfg: SweepConfig) -> None:
 
 
 def run_sweep(cfg: SweepConfig, *, on_point: Callable[[SweepPoint, dict[str, Any] | None], None] | None = None
-              ) -> dict[str, Any]:
-    """Run (or resume) the sweep; write the summaries and plots after every point; return ``budget.json``.
+              ) -> SweepSummary:
+    """Run (or resume) the sweep; write the summaries and plots after every point; return their summary.
 
     ``on_point(point, result)`` is called before each point (``result=None``) and after it.
     """
@@ -506,12 +518,71 @@ def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return budget, audit
 
 
-def write_summaries(cfg: SweepConfig) -> dict[str, Any]:
-    """Write ``budget.json``, ``audit.json``, ``budget.png`` and ``audit.png``; return the budget."""
+@dataclass(frozen=True)
+class Stats:
+    """Mean, sample standard deviation and range of one figure over the seeds."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> Stats:
+        """From a ``_stats`` record (``budget.json``)."""
+        return cls(float(record["mean"]), float(record["std"]), float(record["min"]), float(record["max"]),
+                   int(record["n"]))
+
+
+@dataclass(frozen=True)
+class PointSummary:
+    """One target ε of the sweep over its seeds: utility, the ε reached, σ, and the membership attacks."""
+
+    epsilon: str
+    auc_macro: Stats
+    epsilon_achieved_max: float | None
+    noise_multiplier: tuple[float, ...]
+    attack_auc: Stats
+    attack_tpr_at_1pct_fpr: Stats
+    attack: str
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """What :func:`run_sweep` returns: the points so far and the references (``budget.json`` has it all)."""
+
+    complete: bool
+    points_finished: int
+    points_planned: int
+    points: tuple[PointSummary, ...]
+    references: dict[str, Stats]
+
+
+def summarise(budget: Mapping[str, Any], audit: Mapping[str, Any]) -> SweepSummary:
+    """The typed summary of ``budget.json`` and ``audit.json`` (the calibrated attack where there is one)."""
+    attacks = {r["epsilon"]: r["attacks"] for r in audit["points"]}
+    points = []
+    for row in budget["points"]:
+        name = "calibrated" if attacks[row["epsilon"]].get("calibrated") else "loss"
+        attack = attacks[row["epsilon"]][name]
+        achieved = row.get("epsilon_achieved")
+        points.append(PointSummary(
+            epsilon=row["epsilon"], auc_macro=Stats.of(row["auc_macro"]),
+            epsilon_achieved_max=float(achieved["max"]) if achieved else None,
+            noise_multiplier=tuple(row.get("noise_multiplier", ())), attack_auc=Stats.of(attack["auc"]),
+            attack_tpr_at_1pct_fpr=Stats.of(attack["tpr_at_fpr"]["0.01"]), attack=name))
+    return SweepSummary(complete=bool(budget["complete"]), points_finished=int(budget["points_finished"]),
+                        points_planned=int(budget["points_planned"]), points=tuple(points),
+                        references={k: Stats.of(v) for k, v in budget["references"].items()})
+
+
+def write_summaries(cfg: SweepConfig) -> SweepSummary:
+    """Write ``budget.json``, ``audit.json``, ``budget.png`` and ``audit.png``; return their summary."""
     budget, audit = aggregate(cfg)
     atomic_write_json(cfg.run / "budget.json", budget)
     atomic_write_json(cfg.run / "audit.json", audit)
     if budget["points"]:
         plot_budget(budget, audit, cfg.run / "budget.png")
         plot_audit_roc(audit, cfg.run / "audit.png")
-    return budget
+    return summarise(budget, audit)

@@ -24,7 +24,7 @@ from federation.train import evaluate as evaluate_model
 from privacy.inversion import InversionConfig
 from privacy.policy import SitePolicy
 from simulations.audits import run_inversion_audit
-from simulations.budget import SweepConfig, SweepPoint, load_sweep, parse_epsilons, plan, run_sweep
+from simulations.budget import SweepConfig, SweepPoint, SweepSummary, load_sweep, parse_epsilons, plan, run_sweep
 from simulations.centralised import train_centralised
 from simulations.cli.he import he_app
 from simulations.cli.storage import keyed_app, leakage, vault_app
@@ -392,22 +392,17 @@ def budget(
                       f"`privrad report {out}` renders the report")
 
 
-def _print_budget(summary: dict[str, Any], out: Path) -> None:
-    audit = json.loads((out / "audit.json").read_text())
-    attacks = {r["epsilon"]: r["attacks"] for r in audit["points"]}
+def _print_budget(summary: SweepSummary, out: Path) -> None:
     table = Table("target ε", "achieved ε (max)", "σ", "macro-AUC", "attack AUC (calibrated)",
                   "TPR @ 1% FPR", title=f"budget sweep {out}")
-    for row in summary["points"]:
-        a = attacks[row["epsilon"]].get("calibrated") or attacks[row["epsilon"]]["loss"]
-        achieved = row.get("epsilon_achieved")
-        table.add_row(row["epsilon"], f"{achieved['max']:.3f}" if achieved else "–",
-                      ", ".join(f"{s:.3f}" for s in row.get("noise_multiplier", [])) or "–",
-                      f"{row['auc_macro']['mean']:.3f} ± {row['auc_macro']['std']:.3f}",
-                      f"{a['auc']['mean']:.3f} ± {a['auc']['std']:.3f}",
-                      f"{a['tpr_at_fpr']['0.01']['mean']:.3f}")
+    for p in summary.points:
+        table.add_row(p.epsilon, "–" if p.epsilon_achieved_max is None else f"{p.epsilon_achieved_max:.3f}",
+                      ", ".join(f"{s:.3f}" for s in p.noise_multiplier) or "–",
+                      f"{p.auc_macro.mean:.3f} ± {p.auc_macro.std:.3f}",
+                      f"{p.attack_auc.mean:.3f} ± {p.attack_auc.std:.3f}", f"{p.attack_tpr_at_1pct_fpr.mean:.3f}")
     out_console.print(table)
-    for key, ref in summary["references"].items():
-        out_console.print(f"{key.replace('_', ' ')}: macro-AUC {ref['mean']:.3f} ± {ref['std']:.3f}")
+    for key, ref in summary.references.items():
+        out_console.print(f"{key.replace('_', ' ')}: macro-AUC {ref.mean:.3f} ± {ref.std:.3f}")
 
 
 @app.command()

@@ -23,6 +23,7 @@ from simulations.budget import (
     plan,
     run_sweep,
     split_members,
+    summarise,
 )
 from simulations.report import render_report
 
@@ -123,7 +124,10 @@ def test_an_interrupted_sweep_resumes_from_its_finished_points(sweep: SweepConfi
     assert calls == [("eps-inf-seed-0", True), ("eps-1-seed-0", False), ("eps-1-seed-0", True)]
     assert done.stat().st_mtime_ns == before  # the finished point was not run again
     assert not (broken / "ledgers" / "stale-marker").exists()  # the interrupted one started over
-    assert budget["complete"]
+    assert budget.complete
+    assert budget.points_finished == budget.points_planned == len(budget.points) * sweep.seeds
+    assert summarise(json.loads((sweep.run / "budget.json").read_text()),
+                     json.loads((sweep.run / "audit.json").read_text())) == budget
     eps = json.loads((broken / "point.json").read_text())["epsilon"]
     assert max(eps.values()) <= 1.0  # a fresh ledger: the rerun did not stack on the dead run's spend
 
