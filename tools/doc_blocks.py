@@ -1,6 +1,7 @@
 """Run the ```bash blocks of Markdown files as written, one fresh shell per block, from the repository root.
 
-Usage: ``python tools/doc_blocks.py docs/storage.md [docs/he-inference.md ...]``. Each block runs
+Usage: ``python tools/doc_blocks.py docs/storage.md [docs/he-inference.md:2 ...]`` (``:N``: from the
+N-th block of that file on). Each block runs
 under ``bash -e -o pipefail``; its output goes to ``runs/doc-blocks/<file>-<n>.log``. Prints the
 wall time of every block and exits non-zero at the first block that fails.
 """
@@ -21,9 +22,12 @@ def main(files: list[str]) -> int:
     """Run every bash block of ``files`` in order; 0 if all succeed."""
     logs = ROOT / "runs" / "doc-blocks"
     logs.mkdir(parents=True, exist_ok=True)
-    for name in files:
+    for spec in files:
+        name, _, first = spec.partition(":")
         text = (ROOT / name).read_text()
         for n, match in enumerate(BLOCK.finditer(text), start=1):
+            if n < int(first or 1):
+                continue
             line = text[:match.start()].count("\n") + 1
             log = logs / f"{Path(name).stem}-{n}.log"
             start = time.perf_counter()
