@@ -26,7 +26,7 @@ from he_inference.serial import ContainerKind
 from tests.he_inference.models import seeded
 
 SCALE_REL_TOL = 1e-12     # scales are float64 products of primes: equal up to rounding
-TINY_HE_REL_TOL = 1e-3    # CKKS at a 35-bit scale (measured ~4e-4), relative to the largest logit magnitude
+TINY_HE_ATOL = 5e-4       # CKKS error at a 35-bit scale is absolute: over 25 fresh key sets median 5.1e-5, max 1.4e-4
 TINY = CKKSParams(8192, (50, 35, 35, 35, 50), 35)   # 205 bits: three levels, 128-bit secure at N = 8192
 
 
@@ -106,4 +106,4 @@ def test_the_assigned_levels_and_scales_are_those_seal_reaches_on_a_tiny_ring() 
                              model_sha256=model.digest)
     ref = run_plain(net, image[None])[0]
     np.testing.assert_allclose(keys.decrypt(reply, model_sha256=model.digest), ref,
-                               atol=TINY_HE_REL_TOL * np.abs(ref).max(), rtol=0)
+                               atol=TINY_HE_ATOL, rtol=0)
