@@ -79,13 +79,14 @@ class RunRecorder:
 
     def aggregate_fit_metrics(self, results: Sequence[tuple[int, Metrics]]) -> Metrics:
         """Reduce the clients' fit metrics (the allow-list: ε, δ, σ, steps); remember per-site ε."""
-        reported = (FitMetric.EPSILON, FitMetric.DELTA, FitMetric.NOISE_MULTIPLIER, FitMetric.STEPS)
+        per_site = (FitMetric.EPSILON, FitMetric.DELTA, FitMetric.NOISE_MULTIPLIER)  # kept per site for the record
+        reported = (*per_site, FitMetric.STEPS)
         self._reports = [{"site": str(m.get(FitMetric.SITE, "?")),
                           **{str(k): float(m[k]) for k in reported if k in m}}
                          for _, m in results]
         for _, m in results:
             entry = self.sites.setdefault(str(m.get(FitMetric.SITE, "?")), {})
-            for key in reported[:3]:
+            for key in per_site:
                 if key in m:
                     entry[str(key)] = float(m[key])
         eps = [float(m[FitMetric.EPSILON]) for _, m in results if FitMetric.EPSILON in m]
