@@ -5,9 +5,12 @@ integer labels and the class names. CT pixel data go through the DICOM modality 
 Hounsfield units, then a CT window (abdomen W400/L40 by default), then a resize.
 
 Bad input raises :class:`~federation.errors.DataError` (or a subclass) naming the file
-and the problem, and the DICOM tag where one is at fault. With ``on_error="skip"`` the
-bad file is left out and listed in :attr:`ImageSet.skipped` with its reason: data are
-never dropped silently.
+and the problem, and the DICOM tag where one is at fault. Every header attribute privrad
+reads (:data:`HEADER_KEYWORDS`) is parsed under its VR and value multiplicity first, so a
+value such as ``"abc"`` in Rescale Slope (DS) or ``"1A"`` in Instance Number (IS) is a
+:class:`~federation.errors.DicomError` citing the tag, never a bare ``ValueError`` from
+deep inside pydicom. With ``on_error="skip"`` the bad file is left out and listed in
+:attr:`ImageSet.skipped` with its reason: data are never dropped silently.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import csv
 import enum
 import hashlib
 import logging
+import math
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +32,16 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from pydicom.errors import InvalidDicomError
+from pydicom.datadict import dictionary_description, dictionary_VM, tag_for_keyword
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.processing import apply_modality_lut
+from pydicom.tag import BaseTag, Tag
 
 from federation.errors import ConfigError, DataError, DicomError, LabelError
 from federation.model import CLASSES
 
 __all__ = [
+    "HEADER_KEYWORDS",
     "ErrorPolicy",
     "ImageSet",
     "Preprocess",
@@ -43,8 +52,10 @@ __all__ = [
     "load_dicom_folder",
     "load_image_tree",
     "load_npz",
+    "read_dicom",
     "read_dicom_hu",
     "read_slice",
+    "tag_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,22 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _LABEL_ALIASES = {"tumor": "tumour"}
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+HEADER_KEYWORDS = (
+    "Modality", "SOPClassUID", "ImageType", "BurnedInAnnotation", "InstanceNumber", "SliceThickness", "KVP",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SamplesPerPixel", "PhotometricInterpretation",
+    "NumberOfFrames", "PlanarConfiguration", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth",
+)
+"""The header attributes privrad reads (loaders, vault): each is checked under its VR by :func:`read_dicom`."""
+
+_NEEDED = frozenset({"SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated",
+                     "BitsStored", "PixelRepresentation", "RescaleIntercept", "RescaleSlope"})
+"""Attributes that may be absent but, when present, must not be empty (the pixels cannot be read without them)."""
+_INTEGER_VRS = frozenset({"US", "SS", "UL", "SL", "IS"})
+_HEADER_ERRORS = (ValueError, TypeError, OverflowError, struct.error, KeyError, IndexError, AttributeError,
+                  BytesLengthException)
+"""What pydicom raises when it converts a value that breaks its VR (it has no single error type for it)."""
 
 
 class ErrorPolicy(enum.StrEnum):
@@ -153,22 +180,106 @@ def _check_complete(path: Path, ds: pydicom.Dataset) -> None:
                          tag=f"{last.tag} {pydicom.datadict.dictionary_description(last.tag)}")
 
 
+def tag_name(tag: BaseTag | int | str) -> str:
+    """``(gggg,eeee) Name`` as errors cite a tag: ``tag_name("RescaleSlope")`` is ``(0028,1053) Rescale Slope``."""
+    t = Tag(tag)
+    return f"({t.group:04X},{t.element:04X}) {dictionary_description(t)}"
+
+
+def _shown(value: object) -> str:
+    """A header value for an error message: its repr, cut at 60 characters."""
+    text = repr(value.decode("latin-1") if isinstance(value, bytes) else value)
+    return text if len(text) <= 60 else f"{text[:57]}... ({len(text)} characters)"
+
+
+def _multiplicity_ok(vm: str, count: int) -> bool:
+    """Whether ``count`` values fit the dictionary's value multiplicity ``vm`` ("1", "2", "1-n", "2-2n", "1-3")."""
+    low, _, high = vm.partition("-")
+    if not low.isdigit():
+        return True
+    if not high:
+        return count == int(low)
+    return count >= int(low) and (not high.isdigit() or count <= int(high))
+
+
+def _check_value(path: Path, keyword: str, vr: str, value: object) -> None:
+    """Refuse a converted value that breaks its VR or value multiplicity (pydicom keeps those as plain strings)."""
+    name = tag_name(keyword)
+    if value is None or value == "" or (isinstance(value, list | tuple) and not value):
+        if keyword in _NEEDED:
+            raise DicomError(path, "is empty: the pixel data cannot be read without it", tag=name)
+        return
+    values = list(value) if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]
+    vm = dictionary_VM(keyword)
+    if not _multiplicity_ok(vm, len(values)):
+        raise DicomError(path, f"{_shown(value)} holds {len(values)} values; its value multiplicity is {vm}",
+                         tag=name)
+    for v in values:
+        if vr in _INTEGER_VRS:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif vr == "DS":
+            ok = isinstance(v, float | int | Decimal) and not isinstance(v, bool) and math.isfinite(v)
+        elif vr in ("FL", "FD"):
+            ok = isinstance(v, float) and math.isfinite(v)
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            whole = "\\".join(map(str, values)) if len(values) > 1 else v
+            raise DicomError(path, f"{_shown(whole)} is not a valid {vr}", tag=name)
+    if keyword == "BurnedInAnnotation" and str(value).strip() not in ("YES", "NO"):
+        raise DicomError(path, f"{_shown(value)} is neither 'YES' nor 'NO'", tag=name)
+
+
+def _check_header(path: Path, ds: pydicom.Dataset) -> None:
+    """Parse every attribute of :data:`HEADER_KEYWORDS` under its VR; a value that does not parse is a DicomError."""
+    for keyword in HEADER_KEYWORDS:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag not in ds:
+            continue
+        raw = ds.get_item(tag)
+        try:
+            elem = ds[tag]
+            vr, value = str(elem.VR), elem.value
+        except _HEADER_ERRORS as exc:
+            bad, vr = (raw.value, raw.VR) if raw is not None else (None, "its VR")
+            reason = str(exc).split(". ")[0]
+            raise DicomError(path, f"{_shown(bad)} is not a valid {vr} ({reason})", tag=tag_name(tag)) from exc
+        _check_value(path, keyword, vr, value)
+
+
+def read_dicom(path: Path) -> pydicom.Dataset:
+    """Read a DICOM file whose header privrad can use: complete, and every attribute it reads valid under its VR.
+
+    Raises
+    ------
+    DicomError
+        Not DICOM, truncated, or a value of :data:`HEADER_KEYWORDS` that breaks its VR or
+        value multiplicity (the message cites the tag, its name and the bad value).
+    """
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise DicomError(path, f"is not a DICOM file ({exc})") from exc
+    except (EOFError, OSError, *_HEADER_ERRORS) as exc:
+        raise DicomError(path, f"is truncated or corrupt: cannot parse the header ({exc})") from exc
+    _check_complete(path, ds)
+    _check_header(path, ds)
+    return ds
+
+
 def read_dicom_hu(path: Path, *, modality: str | None = "CT") -> npt.NDArray[np.float64]:
     """Read one single-frame greyscale DICOM slice as modality values (HU for CT).
 
     Raises
     ------
     DicomError
-        Not DICOM, truncated, wrong modality, no pixel data, unsupported photometric
-        interpretation or transfer syntax that cannot be decoded; the message names the tag.
+        Not DICOM, truncated, a header value that breaks its VR, wrong modality, no pixel
+        data, unsupported photometric interpretation or transfer syntax that cannot be
+        decoded; the message names the tag.
     """
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise DicomError(path, f"is not a DICOM file ({exc})") from exc
-    except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise DicomError(path, f"is truncated or corrupt: cannot parse the header ({exc})") from exc
-    _check_complete(path, ds)
+    path = Path(path)
+    ds = read_dicom(path)
 
     if modality is not None:
         found = str(ds.get("Modality", "")).strip()
@@ -198,12 +309,21 @@ def read_dicom_hu(path: Path, *, modality: str | None = "CT") -> npt.NDArray[np.
         name = getattr(syntax, "name", str(syntax))
         raise DicomError(path, f"{name} ({syntax}) cannot be decoded here: {exc}",
                          tag="(0002,0010) Transfer Syntax UID") from exc
-    except (ValueError, EOFError, OSError) as exc:
+    except (EOFError, OSError, *_HEADER_ERRORS) as exc:
         raise DicomError(path, f"is truncated or corrupt: {exc}", tag="(7FE0,0010) Pixel Data") from exc
     if arr.ndim != 2:
         raise DicomError(path, f"has shape {arr.shape}, expected one 2-D slice",
                          tag="(7FE0,0010) Pixel Data")
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    try:
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    except _HEADER_ERRORS as exc:
+        raise DicomError(path, f"cannot map the pixels to modality values ({exc})",
+                         tag="(0028,3000) Modality LUT Sequence" if "ModalityLUTSequence" in ds
+                         else "(0028,1053) Rescale Slope") from exc
+    if not np.isfinite(values).all():
+        raise DicomError(path, f"{_shown(ds.get('RescaleSlope'))} with Rescale Intercept "
+                               f"{_shown(ds.get('RescaleIntercept'))} maps the pixels outside the floating-point range",
+                         tag="(0028,1053) Rescale Slope")
     if photometric == "MONOCHROME1" and ds.get("Modality") != "CT":
         values = values.max() + values.min() - values  # display inversion for non-CT images
     return values

@@ -1,8 +1,8 @@
 """Crash-safe files: atomic writes, and model checkpoints with metadata and a hash.
 
 A write goes to a temporary file in the destination folder, is flushed to disk and then
-renamed over the target, so a crash leaves either the old file or the new one, never a
-torn one.
+renamed over the target, and the folder itself is flushed so that the rename survives a
+power cut: a crash leaves either the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CHECKPOINT_VERSION = 1
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync of the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -41,6 +41,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename is durable only once its folder is)."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

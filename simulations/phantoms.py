@@ -332,6 +332,7 @@ def write_ct_dicom(
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.BodyPartExamined = "ABDOMEN"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.BurnedInAnnotation = "NO"  # drawn, not scanned: no text in the pixels (the vault refuses DERIVED without it)
     ds.InstanceNumber = 1
     ds.SliceThickness = "5.0"
     ds.KVP = "120"

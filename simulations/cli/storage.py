@@ -6,11 +6,13 @@ import io
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.table import Table
 
-from federation.console import out_console, progress_bar
-from federation.errors import VaultError
+from federation.console import console, out_console, progress_bar
+from federation.errors import DataError, VaultError
+from federation.ingest import read_dicom
 from federation.storage import atomic_write_bytes
 from privacy.keyed import BlockKey
 from privacy.vault import Keyring, get_object, list_objects, put_file, rotate_key
@@ -38,65 +40,95 @@ def put(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched for *.dcm).")],
     verify: Annotated[bool, typer.Option(help="Open each object again and compare its pixels with the source "
                                               "file's, bit for bit.")] = True,
+    allow_burned_in: Annotated[bool, typer.Option(help="Seal slices whose pixels may show text (Burned In "
+                                                       "Annotation YES, or absent on a derived or secondary "
+                                                       "capture image) flagged, without the de-identification "
+                                                       "claim, instead of refusing them.")] = False,
+    skip_bad: Annotated[bool, typer.Option(help="Leave out files that cannot be sealed (listed with the reason) "
+                                                "instead of stopping at the first.")] = False,
 ) -> None:
-    """De-identify, compress losslessly and seal DICOM slices; print the storage ratio."""
-    import numpy as np
-    import pydicom
+    """De-identify, compress losslessly and seal DICOM slices; print each object's id and source pseudonym.
 
-
+    Source paths appear only in messages about a file that cannot be sealed (they are the
+    ones typed on this command line); the vault and this command's results hold the
+    keyed pseudonym instead.
+    """
     ring = Keyring.load(keyring)
     files = [f for p in paths for f in (sorted(p.rglob("*.dcm")) if p.is_dir() else [p])]
     if not files:
         raise typer.BadParameter(f"no DICOM files under {', '.join(map(str, paths))}")
-    original = sealed = 0
+    original = sealed = flagged = 0
+    skipped: list[DataError] = []
     with progress_bar() as bar:
         task = bar.add_task("seal", total=len(files))
         for f in files:
-            info = put_file(vault, f, ring)
+            try:
+                info = put_file(vault, f, ring, allow_burned_in=allow_burned_in)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                skipped.append(err)
+                bar.advance(task)
+                continue
             original += info.original_bytes
             sealed += info.sealed_bytes
+            flagged += not info.profile
             if verify:
                 back, _ = get_object(vault, info.object_id, ring)
-                source = pydicom.dcmread(f).pixel_array
+                source = read_dicom(f).pixel_array
                 if back.pixel_array.dtype != source.dtype or not np.array_equal(back.pixel_array, source):
                     raise VaultError(f"{f}: the sealed object {info.object_id} does not give back its pixels")
+            out_console.print(f"{info.object_id}  {info.pseudonym}"
+                              + ("" if info.profile else f"  NOT de-identified: burned-in {info.burned_in}"))
             bar.advance(task)
-    out_console.print(f"sealed {len(files)} slices for {ring.site} under key {ring.active}: {original:,} bytes of "
-                      f"DICOM → {sealed:,} bytes sealed ({sealed / original:.1%} of the original, "
-                      f"{sealed / original - 1:+.1%})" + ("; every slice read back bit-exact" if verify else ""))
+    for bad in skipped:
+        console.print(f"[yellow]skipped[/yellow] {bad}")
+    count = len(files) - len(skipped)
+    if not count:
+        raise DataError(None, f"no slice sealed: {len(skipped)} files skipped")
+    out_console.print(f"sealed {count} slices for {ring.site}: {original:,} bytes of DICOM → {sealed:,} bytes "
+                      f"sealed ({sealed / original:.1%} of the original, {sealed / original - 1:+.1%})"
+                      + ("; every slice read back bit-exact" if verify else "")
+                      + (f"; {flagged} flagged: pixels may show text, no de-identification claim" if flagged else "")
+                      + (f"; {len(skipped)} files skipped" if skipped else ""))
 
 
 @vault_app.command("get")
 def get(
     vault: VaultOpt,
     keyring: KeyringOpt,
-    object_id: Annotated[str, typer.Argument(help="Object id (see `privrad vault list`).")],
+    object_id: Annotated[str, typer.Argument(help="Object id: 32 lowercase hex digits (see `privrad vault list`).")],
     out: Annotated[Path, typer.Option(help="DICOM file to write.")],
     uncompressed: Annotated[bool, typer.Option(help="Write Explicit VR Little Endian instead of JPEG 2000.")] = False,
 ) -> None:
-    """Open one object (authenticated, pixels verified) and write it as a DICOM file."""
+    """Open one object (bound to its id, authenticated, pixels verified) and write it as a DICOM file."""
     ds, meta = get_object(vault, object_id, Keyring.load(keyring))
     if uncompressed:
         ds.decompress()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     atomic_write_bytes(out, buf.getvalue())
-    out_console.print(f"{out}: {ds.Rows}×{ds.Columns} slice (source {meta['source_name']}), pixel hash verified")
+    claim = "de-identified" if ds.PatientIdentityRemoved == "YES" else "NOT de-identified (burned-in text possible)"
+    out_console.print(f"{out}: object {object_id}, {ds.Rows}×{ds.Columns} slice, source {meta['pseudonym']}, "
+                      f"{claim}, pixel hash verified")
 
 
 @vault_app.command("list")
 def list_(vault: VaultOpt) -> None:
-    """Object headers: id, site, key, sizes (no key needed: headers hold no patient data)."""
-    table = Table("object", "site", "key", "created", "original B", "sealed B")
-    n = original = sealed = 0
+    """Object headers: id, site, key, source pseudonym, de-identification, sizes (no key needed)."""
+    table = Table("object", "site", "key", "source", "de-identified", "created", "original B", "sealed B")
+    n = original = sealed = flagged = 0
     for info in list_objects(vault):
-        table.add_row(info.object_id, info.site, info.key_id, info.created, f"{info.original_bytes:,}",
-                      f"{info.sealed_bytes:,}")
+        table.add_row(info.object_id, info.site, info.key_id, info.pseudonym,
+                      "yes" if info.profile else f"NO (burned-in {info.burned_in})", info.created,
+                      f"{info.original_bytes:,}", f"{info.sealed_bytes:,}")
         n, original, sealed = n + 1, original + info.original_bytes, sealed + info.sealed_bytes
+        flagged += not info.profile
     out_console.print(table)
     if n:
         out_console.print(f"{n} objects, {sealed:,} bytes sealed for {original:,} bytes of DICOM "
-                          f"({sealed / original:.1%})")
+                          f"({sealed / original:.1%})" + (f"; {flagged} NOT de-identified (burned-in text possible)"
+                                                          if flagged else ""))
 
 
 @vault_app.command("rotate-key")
