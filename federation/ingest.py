@@ -210,9 +210,10 @@ def _check_value(path: Path, keyword: str, vr: str, value: object) -> None:
             raise DicomError(path, "is empty: the pixel data cannot be read without it", tag=name)
         return
     values = list(value) if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]
+    whole = "\\".join(map(str, values)) if len(values) > 1 else value
     vm = dictionary_VM(keyword)
     if not _multiplicity_ok(vm, len(values)):
-        raise DicomError(path, f"{_shown(value)} holds {len(values)} values; its value multiplicity is {vm}",
+        raise DicomError(path, f"{_shown(whole)} holds {len(values)} values; its value multiplicity is {vm}",
                          tag=name)
     for v in values:
         if vr in _INTEGER_VRS:
@@ -224,7 +225,6 @@ def _check_value(path: Path, keyword: str, vr: str, value: object) -> None:
         else:
             ok = isinstance(v, str)
         if not ok:
-            whole = "\\".join(map(str, values)) if len(values) > 1 else v
             raise DicomError(path, f"{_shown(whole)} is not a valid {vr}", tag=name)
     if keyword == "BurnedInAnnotation" and str(value).strip() not in ("YES", "NO"):
         raise DicomError(path, f"{_shown(value)} is neither 'YES' nor 'NO'", tag=name)

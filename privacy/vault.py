@@ -208,8 +208,8 @@ def deidentify(ds: Dataset, *, pseudonym: str) -> Dataset:
         out.DeidentificationMethod = "privrad vault: attribute whitelist, new UIDs"
     else:
         out.PatientIdentityRemoved = "NO"
-        out.DeidentificationMethod = (f"privrad vault: attribute whitelist, new UIDs; burned-in annotation "
-                                      f"{burned_in.value}: pixels not de-identified")
+        out.DeidentificationMethod = ["privrad vault: attribute whitelist, new UIDs",
+                                      f"burned-in annotation {burned_in.value}: pixels not de-identified"]
     compressed = "TransferSyntaxUID" in getattr(ds, "file_meta", {}) and ds.file_meta.TransferSyntaxUID.is_compressed
     out.PixelData = ds.pixel_array.tobytes() if compressed else ds.PixelData
     meta = FileMetaDataset()
@@ -493,9 +493,13 @@ def put_file(vault: Path, source: Path, keyring: Keyring, *, allow_burned_in: bo
         _refuse_burned_in(ds, burned_in, source)
     object_id = uuid.uuid4().hex
     clean = deidentify(ds, pseudonym=f"vault-{object_id[:12]}")
-    clean.compress(JPEG2000Lossless, generate_instance_uid=False)
     buf = io.BytesIO()
-    clean.save_as(buf, enforce_file_format=True)
+    try:
+        clean.compress(JPEG2000Lossless, generate_instance_uid=False)
+        clean.save_as(buf, enforce_file_format=True)
+    except Exception as exc:  # pydicom's encoders, like its decoders, raise many unrelated types
+        raise DicomError(source, f"cannot be compressed to JPEG 2000 lossless ({exc})",
+                         tag="(7FE0,0010) Pixel Data") from None
     pseudonym = keyring.pseudonym(source.name)
     meta = {"pseudonym": pseudonym, "pixel_sha256": _pixel_hash(pixels), "dtype": str(pixels.dtype),
             "shape": list(pixels.shape)}

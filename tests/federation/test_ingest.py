@@ -6,7 +6,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from federation.errors import DataError, DicomError, LabelError
@@ -224,3 +228,86 @@ def test_an_npz_without_the_split_lists_what_it_has(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"no 'train_images'/'train_labels' arrays; found \['images'\]"):
         load_npz(path)
+
+
+def _with_raw(src: Path, dst: Path, keyword: str, vr: str, value: bytes) -> Path:
+    """A real DICOM file whose ``keyword`` holds ``value`` as written, under ``vr`` (no validation on the way)."""
+    ds = pydicom.dcmread(src)
+    if len(value) % 2 and vr not in _BINARY_VRS:
+        value += b" "
+    tag = Tag(keyword)
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD"})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about each invalid value it reads
+@pytest.mark.parametrize(("keyword", "vr", "value", "message"), [
+    ("InstanceNumber", "IS", b"1A", r"\(0020,0013\) Instance Number '1A' is not a valid IS"),
+    ("Rows", "IS", b"1A", r"\(0028,0010\) Rows '1A' is not a valid IS"),
+    ("NumberOfFrames", "IS", b"two", r"\(0028,0008\) Number of Frames 'two' is not a valid IS"),
+    ("RescaleSlope", "DS", b"abc", r"\(0028,1053\) Rescale Slope 'abc' is not a valid DS"),
+    ("RescaleIntercept", "DS", b"-1024\\0", r"\(0028,1052\) Rescale Intercept '-1024\\\\0' holds 2 values; "
+                                            r"its value multiplicity is 1"),
+    ("PixelSpacing", "DS", b"0.5\\abc", r"\(0028,0030\) Pixel Spacing '0.5\\\\abc' is not a valid DS"),
+    ("PixelSpacing", "DS", b"0.5", r"\(0028,0030\) Pixel Spacing '0.5' holds 1 values; its value multiplicity is 2"),
+    ("WindowCenter", "DS", b"1e999", r"\(0028,1050\) Window Center '1e999' is not a valid DS"),
+    ("Columns", "US", b"\x20", r"\(0028,0011\) Columns ' ' is not a valid US \(Expected total bytes"),
+    ("BitsAllocated", "US", b"", r"\(0028,0100\) Bits Allocated is empty"),
+    ("BurnedInAnnotation", "CS", b"MAYBE", r"\(0028,0301\) Burned In Annotation 'MAYBE' is neither 'YES' nor 'NO'"),
+])
+def test_a_header_value_that_breaks_its_vr_is_a_dicom_error_citing_the_tag(
+        site: Path, keyword: str, vr: str, value: bytes, message: str) -> None:
+    bad = _with_raw(_first(site), _first(site), keyword, vr, value)
+
+    with pytest.raises(DicomError, match=rf"site-1_00000\.dcm: {message}") as caught:
+        read_dicom_hu(bad)
+
+    assert caught.value.tag is not None
+    assert caught.value.tag.startswith(message.split(r"\)")[0].replace("\\", "") + ")")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_folder_scan_reports_a_header_with_a_bad_vr_as_a_skip(site: Path) -> None:
+    _with_raw(_first(site), _first(site), "RescaleSlope", "DS", b"abc")
+
+    data = load_dicom_folder(site, preprocess=Preprocess(size=32), on_error=ErrorPolicy.SKIP)
+
+    assert len(data) == TINY.per_site - 1
+    assert [(s.path.name, s.reason) for s in data.skipped] == [
+        ("site-1_00000.dcm", "(0028,1053) Rescale Slope 'abc' is not a valid DS")]
+
+
+_FUZZED = (("Rows", "US"), ("Columns", "US"), ("BitsAllocated", "US"), ("BitsStored", "US"), ("HighBit", "US"),
+           ("PixelRepresentation", "US"), ("SamplesPerPixel", "US"), ("InstanceNumber", "IS"),
+           ("NumberOfFrames", "IS"), ("Rows", "IS"), ("RescaleSlope", "DS"), ("RescaleIntercept", "DS"),
+           ("PixelSpacing", "DS"), ("WindowCenter", "DS"), ("WindowWidth", "DS"), ("SliceThickness", "DS"),
+           ("ImagePositionPatient", "DS"), ("Modality", "CS"), ("PhotometricInterpretation", "CS"),
+           ("BurnedInAnnotation", "CS"), ("ImageType", "CS"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(element=st.sampled_from(_FUZZED),
+       value=st.one_of(st.text(max_size=24).map(lambda t: t.encode("utf-8")), st.binary(max_size=10),
+                       st.lists(st.sampled_from(["1", "-1", "0.5", "1e5", "nan", "inf", "", " 7", "1.", "+"]),
+                                max_size=4).map(lambda v: "\\".join(v).encode())))
+def test_fuzzed_header_values_give_only_named_errors(
+        site: Path, element: tuple[str, str], value: bytes) -> None:
+    keyword, vr = element
+    path = _with_raw(site / "site-1_00001.dcm", site / "fuzzed.dcm", keyword, vr, value)
+
+    outcome: np.ndarray | DataError
+    try:
+        outcome = read_dicom_hu(path)
+    except DataError as err:  # any other exception fails the test
+        outcome = err
+
+    event(f"refused: {type(outcome).__name__}" if isinstance(outcome, DataError) else "read")
+    if isinstance(outcome, DataError):
+        assert outcome.path == path  # a refusal names the file
+    else:
+        assert outcome.shape == (TINY.size, TINY.size)
