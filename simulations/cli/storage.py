@@ -8,6 +8,7 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich import box
 from rich.table import Table
 
 from federation.console import console, out_console, progress_bar
@@ -115,20 +116,33 @@ def get(
 
 @vault_app.command("list")
 def list_(vault: VaultOpt) -> None:
-    """Object headers: id, site, key, source pseudonym, de-identification, sizes (no key needed)."""
-    table = Table("object", "site", "key", "source", "de-identified", "created", "original B", "sealed B")
-    n = original = sealed = flagged = 0
+    """Object headers: id, source pseudonym, de-identified or not, size; sites and keys (no key needed)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("object", no_wrap=True, min_width=32)  # whole ids and pseudonyms, in 80 columns too
+    table.add_column("source", no_wrap=True, min_width=20)
+    table.add_column("de-id.")
+    table.add_column("sealed B", justify="right")
+    n = original = sealed = 0
+    sites: dict[str, int] = {}
+    keys: dict[str, int] = {}
+    flagged: dict[str, int] = {}
     for info in list_objects(vault):
-        table.add_row(info.object_id, info.site, info.key_id, info.pseudonym,
-                      "yes" if info.profile else f"NO (burned-in {info.burned_in})", info.created,
-                      f"{info.original_bytes:,}", f"{info.sealed_bytes:,}")
+        table.add_row(info.object_id, info.pseudonym, "yes" if info.profile else "NO", f"{info.sealed_bytes:,}")
         n, original, sealed = n + 1, original + info.original_bytes, sealed + info.sealed_bytes
-        flagged += not info.profile
+        sites[info.site] = sites.get(info.site, 0) + 1
+        keys[info.key_id] = keys.get(info.key_id, 0) + 1
+        if not info.profile:
+            flagged[info.burned_in] = flagged.get(info.burned_in, 0) + 1
     out_console.print(table)
     if n:
-        out_console.print(f"{n} objects, {sealed:,} bytes sealed for {original:,} bytes of DICOM "
-                          f"({sealed / original:.1%})" + (f"; {flagged} NOT de-identified (burned-in text possible)"
-                                                          if flagged else ""))
+        def counts(d: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
+
+        out_console.print(f"{n} objects (sites: {counts(sites)}; keys: {counts(keys)}), {sealed:,} bytes sealed for "
+                          f"{original:,} bytes of DICOM ({sealed / original:.1%})")
+        if flagged:
+            out_console.print(f"{sum(flagged.values())} NOT de-identified, their pixels may show text (burned-in "
+                              f"annotation: {counts(flagged)}); sealed with --allow-burned-in")
 
 
 @vault_app.command("rotate-key")

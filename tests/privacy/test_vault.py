@@ -385,7 +385,9 @@ def test_burned_in_annotation_yes_is_refused_or_sealed_flagged(tmp_path: Path, s
     assert "burned-in annotation yes: pixels not de-identified" in ds.DeidentificationMethod
     assert (ds.pixel_array == pydicom.dcmread(marked).pixel_array).all()
     listed = CliRunner().invoke(app, ["vault", "list", "--vault", str(tmp_path / "v")])
-    assert re.search(r"1 objects, .*; 1 NOT\s+de-identified", listed.output), listed.output
+    assert re.search(r"1 NOT de-identified, their pixels may show\s+text \(burned-in\s+annotation:\s+yes 1\)",
+                     listed.output), listed.output
+    assert re.search(rf"{info.object_id}\s+{info.pseudonym}\s+NO\s", listed.output), listed.output
 
 
 def test_a_missing_burned_in_annotation_is_refused_only_where_text_is_common(
@@ -451,6 +453,7 @@ def test_vault_cli_round_trip(tmp_path: Path, tiny_federation: Path) -> None:
     assert "12 objects" in listed.output
     object_id = sorted((tmp_path / "v" / "objects").glob("*.pvo"))[0].stem
     assert object_id in put.output
+    assert object_id in listed.output  # whole ids, in CliRunner's 80 columns
     rotated = runner.invoke(app, ["vault", "rotate-key", "--vault", vault, "--keyring", ring])
     assert rotated.exit_code == 0
     assert "re-sealed 12 objects" in rotated.output
