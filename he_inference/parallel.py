@@ -210,7 +210,7 @@ def _cone(plan: Plan, producer: dict[int, int], reg: int, start: int) -> set[int
 def _report(conn: Connection, layer: int | None, exc: BaseException) -> None:
     """Send ERROR: the exception's class, its first line (short), and the traceback for the coordinator's log."""
     line = (str(exc).strip().splitlines() or [""])[0][:ERROR_CHARS]
-    conn.send((WorkerMessage.ERROR, layer, type(exc).__name__, line, traceback.format_exc()))
+    conn.send((WorkerMessage.ERROR, layer, type(exc).__name__, line, "".join(traceback.format_exception(exc))))
 
 
 def _worker(conn: Connection, model_path: str, digest: str, tasks: tuple[WorkerTask, ...]) -> None:
@@ -446,7 +446,7 @@ class ParallelEngine:
             left = 0.0 if deadline is None else deadline - time.monotonic()
             if deadline is not None and left <= 0:
                 for w in waiting:   # hung: killed; one that had started is replaced (the next call waits for it)
-                    w.broken = w.broken or (f"HE worker {w.index} did not answer within {self.start_timeout:.0f} s "
+                    w.broken = w.broken or (f"HE worker {w.index} did not answer within {self.start_timeout:g} s "
                                             f"(waiting for {w.owed[0]})")
                     w.proc.kill()
                     w.proc.join(timeout=STOP_GRACE_S)
@@ -613,6 +613,16 @@ class ParallelEngine:
         raise exc
 
     # -- state -------------------------------------------------------------------------------
+    @property
+    def pids(self) -> tuple[int | None, ...]:
+        """The worker processes' ids, by worker index (a replaced worker's new id)."""
+        return tuple(w.proc.pid for w in self._pool)
+
+    @property
+    def scratch(self) -> Path:
+        """The pool's scratch folder (in RAM where the platform has one): uploads, transfers, key files."""
+        return Path(self._tmp)
+
     def health(self) -> PoolHealth:
         """Workers alive, respawns, the state and the pass counters (collects finished restarts without waiting)."""
         if self._lock.acquire(blocking=False):

@@ -131,8 +131,9 @@ def _mutations(good: bytes, model: CompiledModel, keys: SecretKeys) -> dict[str,
 
     def first_line(rng: random.Random) -> bytes:
         rest = good[good.index(b"\n"):]
-        return rng.choice([MAGIC + b"encrypted-logits v1", MAGIC + b"encrypted-image v2", b"PRIVRAD-XX encrypted-image v1",
-                           MAGIC + b"\xff\xfe v1", b""]) + rest
+        lines = [MAGIC + b"encrypted-logits v1", MAGIC + b"encrypted-image v2", b"PRIVRAD-XX encrypted-image v1",
+                 MAGIC + b"\xff\xfe v1", b""]
+        return rng.choice(lines) + rest
 
     return {
         "junk-part": junk, "junk-behind-seal-header": junk_behind_header, "truncated-part": truncated,
