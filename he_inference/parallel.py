@@ -627,11 +627,12 @@ class ParallelEngine:
         """Workers alive, respawns, the state and the pass counters (collects finished restarts without waiting)."""
         if self._lock.acquire(blocking=False):
             try:
-                self._settle(None)
+                self._settle(None)   # reaps the dead and collects finished restarts
             finally:
                 self._lock.release()
+        # during a pass, the coordinator's own view: only its thread may poll the processes
         pool = list(self._pool)
-        alive = sum(w.proc.is_alive() for w in pool)
+        alive = sum(not w.gone for w in pool)
         if any(w.broken for w in pool) or alive < self.workers:
             state = PoolState.DEGRADED
         elif all(w.ready and not w.owed for w in pool):
