@@ -115,6 +115,11 @@ class InferenceServer:
                                  classes=list(m.classes))
         return reply, timings
 
+    @property
+    def pids(self) -> tuple[int | None, ...]:
+        """The processes that run the passes: the pool's workers, or this process when ``workers`` is 1."""
+        return self._pool.pids if self._pool is not None else (os.getpid(),)
+
     def health(self) -> PoolHealth:
         """Workers alive, respawns, state and pass counters (one in-process worker when ``workers`` is 1)."""
         if self._pool is not None:
