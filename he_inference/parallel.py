@@ -215,6 +215,12 @@ def _report(conn: Connection, layer: int | None, exc: BaseException) -> None:
 
 def _worker(conn: Connection, model_path: str, digest: str, tasks: tuple[WorkerTask, ...]) -> None:
     """One worker: its own column of the coordinator's schedule (one task per layer)."""
+    with contextlib.suppress(KeyboardInterrupt):   # Ctrl-C reaches the whole process group: the coordinator stops us
+        _serve(conn, model_path, digest, tasks)
+
+
+def _serve(conn: Connection, model_path: str, digest: str, tasks: tuple[WorkerTask, ...]) -> None:
+    """Start (load the model, encode this worker's plaintexts), then answer the coordinator until STOP."""
     try:
         model = CompiledModel.load(Path(model_path))
         if model.digest != digest:
@@ -228,7 +234,7 @@ def _worker(conn: Connection, model_path: str, digest: str, tasks: tuple[WorkerT
     while True:
         try:
             msg = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
+        except (EOFError, OSError):
             return
         if msg[0] == WorkerMessage.STOP:
             return
