@@ -16,7 +16,8 @@ caller can catch the whole family at once and a CLI can print a clean message::
         ├── UnsupportedLayerError  a layer has no CKKS equivalent (names the layer and why)
         ├── DepthError             the network is deeper than any 128-bit ring allows
         ├── KeyMaterialError       secret material where only public keys belong, or keys that do not match
-        └── CiphertextError        a ciphertext or artifact is malformed, tampered or for other parameters
+        ├── CiphertextError        a ciphertext or artifact is malformed, tampered or for other parameters
+        └── WorkerLostError        an HE worker process died during a request (the pool respawns it; retry)
 """
 
 from __future__ import annotations
@@ -117,3 +118,11 @@ class KeyMaterialError(HEError):
 
 class CiphertextError(HEError):
     """A serialised ciphertext, key or compiled model is malformed, tampered or mismatched."""
+
+
+class WorkerLostError(HEError):
+    """An HE worker process died (killed, out of memory) while it served a request.
+
+    The request cannot be answered; the pool respawns the worker and serves the next one,
+    so a client may retry (the service answers 503).
+    """

@@ -26,6 +26,7 @@ from he_inference.passes.program import Kind
 __all__ = ["Engine", "LayerTiming"]
 
 log = logging.getLogger(__name__)
+SEAL_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, OverflowError)   # what tenseal.sealapi raises
 
 
 @dataclass(frozen=True)
@@ -100,41 +101,61 @@ class Engine:
         return out
 
     def execute(self, regs: dict[int, seal.Ciphertext], indices: Iterable[int], counts: Counter[Kind]) -> None:
-        """Run the instructions ``indices`` (in order) on the registers ``regs``, in place."""
-        ev = self.evaluator
+        """Run the instructions ``indices`` (in order) on the registers ``regs``, in place.
+
+        Raises
+        ------
+        CiphertextError
+            SEAL refuses an instruction's operands (names the instruction and its layer).
+        """
         if self.relin is None or self.galois is None:
             raise KeyMaterialError("no evaluation keys: the client's public keys must be registered first")
         for idx in indices:
-            ins = self.plan.instrs[idx]
-            lv = self.levels.operand_level[idx]
-            srcs = [self._to_level(regs[s], lv) for s in ins.srcs]
-            out = seal.Ciphertext()
-            if ins.kind is Kind.ROT:
-                ev.rotate_vector(srcs[0], ins.step, self.galois, out)
-            elif ins.kind is Kind.MULACC:
-                tmp = seal.Ciphertext()
-                for pos, ct in enumerate(srcs):
-                    if pos == 0:
-                        ev.multiply_plain(ct, self._plain[(idx, 0)], out)
-                    else:
-                        ev.multiply_plain(ct, self._plain[(idx, pos)], tmp)
-                        ev.add_inplace(out, tmp)
-                ev.rescale_to_next_inplace(out)
-                out.scale = self.params.scale
-            elif ins.kind is Kind.ADD:
-                ev.add_many(srcs, out)
-            elif ins.kind is Kind.ADD_PLAIN:
-                ev.add_plain(srcs[0], self._plain[(idx, 0)], out)
-            elif ins.kind is Kind.SQUARE:
-                ev.square(srcs[0], out)
-                ev.relinearize_inplace(out, self.relin)
-                ev.rescale_to_next_inplace(out)
-            else:
-                ev.multiply(srcs[0], srcs[1], out)
-                ev.relinearize_inplace(out, self.relin)
-                ev.rescale_to_next_inplace(out)
-            counts[ins.kind] += len(ins.masks) if ins.kind is Kind.MULACC else 1
-            regs[ins.dst] = out
+            try:
+                regs[self.plan.instrs[idx].dst] = self._apply(regs, idx, counts)
+            except SEAL_ERRORS as exc:   # SEAL's std::invalid_argument / logic_error / out_of_range
+                ins = self.plan.instrs[idx]
+                raise CiphertextError(f"instruction {idx} ({ins.kind}) of layer {self._layer_of(idx)!r}: SEAL "
+                                      f"refuses its operands ({str(exc)[:120]})") from exc
+
+    def _layer_of(self, idx: int) -> str:
+        return next((name for name, start, end in self.plan.layers if start <= idx < end), "?")
+
+    def _apply(self, regs: dict[int, seal.Ciphertext], idx: int, counts: Counter[Kind]) -> seal.Ciphertext:
+        """One instruction's result (SEAL's exceptions pass through: :meth:`execute` names them)."""
+        ev = self.evaluator
+        if self.relin is None or self.galois is None:
+            raise KeyMaterialError("no evaluation keys: the client's public keys must be registered first")
+        ins = self.plan.instrs[idx]
+        lv = self.levels.operand_level[idx]
+        srcs = [self._to_level(regs[s], lv) for s in ins.srcs]
+        out = seal.Ciphertext()
+        if ins.kind is Kind.ROT:
+            ev.rotate_vector(srcs[0], ins.step, self.galois, out)
+        elif ins.kind is Kind.MULACC:
+            tmp = seal.Ciphertext()
+            for pos, ct in enumerate(srcs):
+                if pos == 0:
+                    ev.multiply_plain(ct, self._plain[(idx, 0)], out)
+                else:
+                    ev.multiply_plain(ct, self._plain[(idx, pos)], tmp)
+                    ev.add_inplace(out, tmp)
+            ev.rescale_to_next_inplace(out)
+            out.scale = self.params.scale
+        elif ins.kind is Kind.ADD:
+            ev.add_many(srcs, out)
+        elif ins.kind is Kind.ADD_PLAIN:
+            ev.add_plain(srcs[0], self._plain[(idx, 0)], out)
+        elif ins.kind is Kind.SQUARE:
+            ev.square(srcs[0], out)
+            ev.relinearize_inplace(out, self.relin)
+            ev.rescale_to_next_inplace(out)
+        else:
+            ev.multiply(srcs[0], srcs[1], out)
+            ev.relinearize_inplace(out, self.relin)
+            ev.rescale_to_next_inplace(out)
+        counts[ins.kind] += len(ins.masks) if ins.kind is Kind.MULACC else 1
+        return out
 
     def run(self, inputs: Sequence[seal.Ciphertext], *, progress: Callable[[str, int, int], None] | None = None
             ) -> tuple[list[seal.Ciphertext], list[LayerTiming]]:

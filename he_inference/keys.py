@@ -12,6 +12,7 @@ seeded (SEAL ships half of each fresh ciphertext as a PRNG seed), which halves t
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -29,11 +30,12 @@ from he_inference.ckks import CKKSParams, make_context
 from he_inference.serial import MAGIC, ContainerKind, pack, seal_load, seal_to_bytes, unpack
 
 __all__ = [
-    "PUBLIC_FILE", "SECRET_FILE", "PublicKeys", "SecretKeys", "galois_elements", "key_id", "load_ciphertexts",
-    "pack_ciphertexts", "require_keys_for", "require_public",
+    "INPUT_SCALE_REL_TOL", "PUBLIC_FILE", "SECRET_FILE", "PublicKeys", "SecretKeys", "check_input", "galois_elements",
+    "key_id", "load_ciphertexts", "load_upload", "pack_ciphertexts", "require_keys_for", "require_public",
 ]
 
 SECRET_FILE, PUBLIC_FILE = "secret.key", "public.keys"
+INPUT_SCALE_REL_TOL = 1e-9   # a fresh encryption's scale is Δ = 2**scale_bits exactly; anything else is refused
 Array = npt.NDArray[np.float64]
 
 
@@ -239,3 +241,63 @@ def pack_ciphertexts(cts: Sequence[seal.Ciphertext], kind: ContainerKind, params
     """Serialise ciphertexts into a container of ``kind``."""
     return pack(kind, [(f"ct{n}", seal_to_bytes(ct)) for n, ct in enumerate(cts)],
                 params_sha256=params.digest(), model_sha256=model_sha256, **header)
+
+
+def load_upload(data: bytes, params: CKKSParams, context: seal.SEALContext, *, model_sha256: str, n_inputs: int,
+                source: str = "upload") -> list[seal.Ciphertext]:
+    """The input ciphertexts of an ``encrypted-image`` container, every one checked before any work starts.
+
+    The container must be bound to ``params`` and the model, hold exactly ``ct0`` …
+    ``ct{n_inputs-1}`` in that order, and each part must be a ciphertext SEAL loads under
+    ``context`` that :func:`check_input` accepts. The server's one entry for uploads: the
+    one-process engine, the pool's coordinator and its workers all call it.
+
+    Raises
+    ------
+    CiphertextError
+        The first thing wrong, named (``"upload (ct0): size 3, expected 2 …"``).
+    """
+    _, parts = unpack(data, ContainerKind.ENCRYPTED_IMAGE, source=source, params_sha256=params.digest(),
+                      model_sha256=model_sha256)
+    names, want = list(parts), [f"ct{n}" for n in range(n_inputs)]
+    if len(names) != n_inputs:
+        raise CiphertextError(f"{source}: the model takes {n_inputs} ciphertexts, got {len(names)}")
+    if names != want:
+        raise CiphertextError(f"{source}: parts are named {[n[:16] for n in names[:4]]}, expected {want[:4]}")
+    out = []
+    for name, blob in parts.items():
+        what = f"{source} ({name})"
+        ct = seal_load(seal.Ciphertext, context, blob, what=what)
+        check_input(ct, params, context, what=what)
+        out.append(ct)
+    return out
+
+
+def check_input(ct: seal.Ciphertext, params: CKKSParams, context: seal.SEALContext, *, what: str) -> None:
+    """Refuse a loaded ciphertext that is not a fresh encryption the model can take as its input.
+
+    A fresh input has size 2, sits at the top of the modulus chain (the level the model's
+    levels pass starts from), is in NTT form, is not transparent (it hides its values) and
+    carries the scale Δ = 2**scale_bits (to :data:`INPUT_SCALE_REL_TOL`).
+
+    Raises
+    ------
+    CiphertextError
+        Names the property and the value found against the one expected.
+    """
+    if ct.size() != 2:
+        raise CiphertextError(f"{what}: size {ct.size()}, expected 2 (a fresh or relinearised ciphertext)")
+    top = context.first_context_data()
+    if ct.parms_id() != top.parms_id():
+        data = context.get_context_data(ct.parms_id())
+        level = "an unknown level" if data is None else f"level {data.chain_index()}"
+        raise CiphertextError(f"{what}: at {level}, the model takes its inputs at level {top.chain_index()}")
+    if not ct.is_ntt_form():
+        raise CiphertextError(f"{what}: not in NTT form, as every CKKS ciphertext is")
+    if ct.is_transparent():
+        raise CiphertextError(f"{what}: transparent (its mask part is zero: it does not hide the values)")
+    scale = float(ct.scale)
+    if not math.isfinite(scale) or abs(scale / params.scale - 1.0) > INPUT_SCALE_REL_TOL:
+        raise CiphertextError(f"{what}: scale {scale:.6g}, expected 2^{params.scale_bits} = {params.scale:.6g}")
+    if not seal.is_valid_for(ct, context):
+        raise CiphertextError(f"{what}: SEAL finds it invalid for these parameters")

@@ -92,28 +92,59 @@ def unpack(data: bytes, kind: ContainerKind, *, source: str = "<bytes>",
         Not a container of this kind and version, truncated, tampered, or bound to other
         parameters or another model (the message names which field differs).
     """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CiphertextError(f"{source}: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
     if not data.startswith(MAGIC):
         raise CiphertextError(f"{source}: not a privrad HE file (expected {kind})")
     first, _, rest = data[len(MAGIC):].partition(b"\n")
     found_kind, _, version = first.decode(errors="replace").partition(" v")
     if found_kind != kind:
-        raise CiphertextError(f"{source}: holds {found_kind}, expected {kind}")
+        raise CiphertextError(f"{source}: holds {found_kind[:40]}, expected {kind}")
     if version != str(VERSION):
-        raise CiphertextError(f"{source}: format version {version}, this privrad reads version {VERSION}")
+        raise CiphertextError(f"{source}: format version {version[:12]}, this privrad reads version {VERSION}")
     line, _, body = rest.partition(b"\n")
-    try:
-        head = json.loads(line)
-        sizes = [(str(n), int(k)) for n, k in head["parts"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CiphertextError(f"{source}: unreadable header ({exc})") from exc
+    head, sizes = _header(line, source)
     if sum(k for _, k in sizes) != len(body) or hashlib.sha256(body).hexdigest() != head.get("body_sha256"):
         raise CiphertextError(f"{source}: truncated or modified (body does not match its hash)")
     for field, want in expect.items():
         if head.get(field) != want:
             raise CiphertextError(f"{source}: {field} is {str(head.get(field))[:12]}…, expected {want[:12]}…: "
                                   f"made for other {'CKKS parameters' if field == 'params_sha256' else 'model'}")
-    parts, start = {}, 0
+    parts: dict[str, bytes] = {}
+    start = 0
     for name, k in sizes:
         parts[name] = body[start:start + k]
         start += k
     return head, parts
+
+
+def _header(line: bytes, source: str) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    """The JSON header and its part list (name, size); anything else is a CiphertextError.
+
+    Untrusted input: deep nesting (RecursionError), ``Infinity`` sizes (OverflowError), a
+    header that is not an object, sizes that are not non-negative integers and repeated part
+    names are all refused here, so that nothing but a CiphertextError leaves :func:`unpack`.
+    """
+    try:
+        head = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise CiphertextError(f"{source}: unreadable header ({type(exc).__name__})") from exc
+    if not isinstance(head, dict):
+        raise CiphertextError(f"{source}: unreadable header (a JSON {type(head).__name__}, expected an object)")
+    raw = head.get("parts")
+    if not isinstance(raw, list):
+        raise CiphertextError(f"{source}: unreadable header (`parts` is {type(raw).__name__}, expected a list)")
+    sizes: list[tuple[str, int]] = []
+    for n, entry in enumerate(raw):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], int) and not isinstance(entry[1], bool) and entry[1] >= 0):
+            raise CiphertextError(f"{source}: unreadable header (`parts[{n}]` must be [name, size ≥ 0], "
+                                  f"got {str(entry)[:40]})")
+        sizes.append((entry[0], entry[1]))
+    names = [name for name, _ in sizes]
+    if len(set(names)) != len(names):
+        raise CiphertextError(f"{source}: part names repeat ({names[:8]})")
+    if not isinstance(head.get("body_sha256"), str):
+        raise CiphertextError(f"{source}: unreadable header (`body_sha256` is not a string)")
+    return head, sizes

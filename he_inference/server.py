@@ -2,7 +2,10 @@
 
 :class:`InferenceServer` is built from a compiled model and :class:`PublicKeys` only; it
 refuses any other key material, ciphertexts made for other parameters or another model, and
-runs on one process or several (:mod:`he_inference.parallel`). The client's side (encrypt,
+runs on one process or several (:mod:`he_inference.parallel`). Every upload is checked by
+:func:`~he_inference.keys.load_upload` before any work starts, on both paths, and whatever SEAL
+raises later is a named :class:`~federation.errors.HEError`; :meth:`InferenceServer.health`
+reports a :class:`~he_inference.parallel.PoolHealth` either way. The client's side (encrypt,
 decrypt, the service client) is :mod:`he_inference.client`.
 """
 
@@ -16,8 +19,8 @@ from pathlib import Path
 from federation.errors import KeyMaterialError
 from he_inference.artifact import CompiledModel
 from he_inference.engine import Engine, LayerTiming
-from he_inference.keys import PublicKeys, key_id, load_ciphertexts, pack_ciphertexts, require_keys_for
-from he_inference.parallel import ParallelEngine
+from he_inference.keys import PublicKeys, key_id, load_upload, pack_ciphertexts, require_keys_for
+from he_inference.parallel import START_TIMEOUT_S, ParallelEngine, PoolHealth, PoolState
 from he_inference.serial import ContainerKind
 
 __all__ = ["InferenceServer"]
@@ -27,8 +30,13 @@ class InferenceServer:
     """Runs one compiled model on encrypted images; holds public evaluation keys only."""
 
     def __init__(self, model: CompiledModel, keys: PublicKeys | None = None, *, workers: int = 1,
-                 model_path: Path | None = None, progress: Callable[[str], None] | None = None) -> None:
-        """Encode the model once; ``keys`` (optional) are registered under the key id ``""``."""
+                 model_path: Path | None = None, progress: Callable[[str], None] | None = None,
+                 start_timeout: float = START_TIMEOUT_S) -> None:
+        """Encode the model once; ``keys`` (optional) are registered under the key id ``""``.
+
+        With ``workers`` > 1 the pool must start within ``start_timeout`` seconds per worker
+        (:class:`~he_inference.parallel.ParallelEngine`), or an HEError names the worker.
+        """
         self.model = model
         self.workers = max(1, int(workers))
         self._keysets: dict[str, PublicKeys] = {}
@@ -38,6 +46,7 @@ class InferenceServer:
         self._pool: ParallelEngine | None = None
         self._engine: Engine | None = None
         self._tmpfile: str | None = None
+        self._passes = self._failures = 0
         if self.workers == 1:
             self._engine = Engine(model, keys, progress=progress)
             self.encode_seconds = self._engine.encode_seconds
@@ -48,7 +57,8 @@ class InferenceServer:
                 model_path = Path(self._tmpfile)
                 model.save(model_path)
             try:
-                self._pool = ParallelEngine(model, model_path, keys, workers=self.workers, progress=progress)
+                self._pool = ParallelEngine(model, model_path, keys, workers=self.workers, progress=progress,
+                                            start_timeout=start_timeout)
             except BaseException:
                 self.close()   # the temporary model file
                 raise
@@ -74,6 +84,17 @@ class InferenceServer:
         """``encrypted-image`` container → (``encrypted-logits`` container, per-layer timings).
 
         ``key_id`` picks registered keys (default: the keys the server was built with).
+
+        Raises
+        ------
+        CiphertextError
+            The upload is refused (names what is wrong), or SEAL refuses an operand.
+        KeyMaterialError
+            No keys under ``key_id``.
+        WorkerLostError
+            A pool worker died during the pass (it is respawned; retry).
+        HEError
+            Any other reason the pass cannot go on (named).
         """
         if key_id not in self._keysets:
             raise KeyMaterialError(f"no evaluation keys registered under {key_id[:32]!r}")
@@ -82,13 +103,28 @@ class InferenceServer:
         assert self._engine is not None
         m = self.model
         keys = self._keysets[key_id]
+        cts = load_upload(upload, m.params, keys.context, model_sha256=m.digest, n_inputs=m.plan.n_inputs)
         self._engine.use_keys(keys)
-        cts = load_ciphertexts(upload, ContainerKind.ENCRYPTED_IMAGE, m.params, keys.context, model_sha256=m.digest,
-                               source="upload")
-        outs, timings = self._engine.run(cts, progress=progress)
+        try:
+            outs, timings = self._engine.run(cts, progress=progress)
+        except BaseException:
+            self._failures += 1
+            raise
+        self._passes += 1
         reply = pack_ciphertexts(outs, ContainerKind.ENCRYPTED_LOGITS, m.params, model_sha256=m.digest,
                                  classes=list(m.classes))
         return reply, timings
+
+    @property
+    def pids(self) -> tuple[int | None, ...]:
+        """The processes that run the passes: the pool's workers, or this process when ``workers`` is 1."""
+        return self._pool.pids if self._pool is not None else (os.getpid(),)
+
+    def health(self) -> PoolHealth:
+        """Workers alive, respawns, state and pass counters (one in-process worker when ``workers`` is 1)."""
+        if self._pool is not None:
+            return self._pool.health()
+        return PoolHealth(1, 1, 0, PoolState.OK, self._passes, self._failures)
 
     def close(self) -> None:
         """Stop worker processes, if any."""

@@ -2,7 +2,7 @@
 
 Endpoints (all JSON except the binary bodies, which are ``application/octet-stream``):
 
-* ``GET /health``: liveness.
+* ``GET /health``: liveness and the worker pool's state (``pool``); 503 when no worker is alive.
 * ``GET /model``: what a client needs to check before it encrypts: CKKS parameters and their
   hash, the compiled model's sha256, classes, input shape, the number of input ciphertexts,
   the rotation steps the evaluation keys must cover, and the size limits.
@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from federation.errors import CiphertextError, HEError, KeyMaterialError
 from he_inference.artifact import CompiledModel
 from he_inference.keys import PublicKeys, key_id
+from he_inference.parallel import PoolState
 from he_inference.server import InferenceServer
 
 __all__ = ["ServiceLimits", "create_app", "serve"]
@@ -103,8 +104,11 @@ def create_app(model_path: Path, *, workers: int = 2, limits: ServiceLimits | No
         return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "model_sha256": model.digest, "clients_loaded": len(recent)}
+    def health() -> JSONResponse:
+        pool = server.health()   # never waits for a running pass
+        body = {"status": "ok" if pool.state is PoolState.OK else "degraded", "model_sha256": model.digest,
+                "clients_loaded": len(recent), "pool": pool.to_dict()}
+        return JSONResponse(body, status_code=200 if pool.alive else 503)
 
     @app.get("/model")
     def model_info() -> dict[str, Any]:

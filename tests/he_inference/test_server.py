@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from torch import nn
 
 from federation.errors import CiphertextError, HEError, KeyMaterialError
@@ -13,11 +22,14 @@ from he_inference.compiler import compile_model
 from he_inference.keys import PublicKeys, SecretKeys
 from he_inference.passes.interpret import run_plain
 from he_inference.server import InferenceServer
+from he_inference.service import create_app
 from tests.he_inference.conftest import Compiled
 from tests.he_inference.models import SHAPE
+from tests.he_inference.tiny import tiny_compiled
 
 HE_REL_TOL = 1e-4   # CKKS at a 40-bit scale, relative to the largest logit magnitude
 STRANGER_FACTOR = 1e3   # a stranger's decryption misses by at least this many tolerances
+DOWN_BUDGET_S = 30.0    # /health turns 503 within this once every worker is dead for good (measured: under 1 s)
 
 
 @pytest.mark.slow
@@ -64,3 +76,32 @@ def test_tampered_or_mismatched_ciphertexts_are_refused(compiled: Compiled) -> N
         InferenceServer(model, SecretKeys.generate(model.params, other.plan.steps).public())
     with pytest.raises(HEError, match=r"image shape \(1, 8, 8\) does not match the model's input \(1, 16, 16\)"):
         encrypt_image(model, keys, np.zeros((1, 8, 8)))
+
+
+def _health(app: FastAPI) -> tuple[int, dict[str, Any]]:
+    """The service's own /health handler, called as the router would (status, JSON body)."""
+    route = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == "/health")
+    response = route.endpoint()
+    return response.status_code, json.loads(response.body)
+
+
+def test_health_reports_the_pool_and_is_503_once_no_worker_can_run(tmp_path: Path) -> None:
+    tiny = tiny_compiled(tmp_path)
+    app = create_app(tiny.path, workers=2)
+    try:
+        ok = _health(app)
+        tiny.path.unlink()   # the model file is gone: a replacement worker cannot start
+        for pid in app.state.inference.pids:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + DOWN_BUDGET_S
+        while (down := _health(app))[0] != 503:
+            assert time.monotonic() < deadline, down
+            time.sleep(0.05)
+    finally:
+        app.state.inference.close()
+
+    assert ok == (200, {"status": "ok", "model_sha256": tiny.model.digest, "clients_loaded": 0,
+                        "pool": {"workers": 2, "alive": 2, "respawns": 0, "state": "ok", "passes": 0, "failures": 0}})
+    assert down[1]["status"] == "degraded"
+    assert down[1]["pool"]["alive"] == 0
+    assert down[1]["pool"]["state"] == "degraded"
