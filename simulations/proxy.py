@@ -1,0 +1,266 @@
+"""nginx in front of the SuperLink: hospitals reach the Fleet API only, the operator the Control API.
+
+Flower 1.41 serves its Fleet API (``/v1/fleet/…``, what SuperNodes call), its Control API
+(``/v1/control/…``: start runs, register nodes, pull results, what ``flwr`` calls) and its
+Runtime API (``/v1/runtime/…``, the ServerApp's) as one FastAPI app on one HTTPS port, and
+without Flower Enterprise the Control API authenticates nobody (its no-op plugin accepts every
+request). So the SuperLink binds to 127.0.0.1 and nginx, started here as a child process with
+its own prefix (config, pid, logs, temp files; nothing system-wide), listens twice:
+
+* the **hospital-facing** listener (``hospital_listen``) passes ``POST /v1/fleet/…`` and answers
+  everything else with 403 and a JSON ``detail`` that ``flwr`` prints;
+* the **operator** listener (``operator_listen``, loopback unless an operator network is named
+  on purpose) passes ``/v1/control/…`` only: the Runtime API stays on the SuperLink's loopback port.
+
+Both terminate TLS with the SuperLink's certificate and dial the SuperLink over TLS, checking
+its certificate against the federation CA (``proxy_ssl_verify``). :func:`render_nginx_conf` is
+pure; :class:`NginxProxy` runs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from federation.errors import ConfigError
+
+__all__ = ["NginxProxy", "ProxyConfig", "find_nginx", "render_nginx_conf"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "install it with scripts/install-nginx.sh (`make nginx`; Debian's nginx package)"
+FLEET_PREFIX = "/v1/fleet/"
+CONTROL_PREFIX = "/v1/control/"
+REFUSAL_HOSPITAL = ("privrad proxy: 403 Forbidden, the hospital-facing address serves the Flower Fleet API "
+                    "(/v1/fleet/) only; runs, registrations and results go through the operator address")
+REFUSAL_OPERATOR = ("privrad proxy: 403 Forbidden, the operator address serves the Flower Control API "
+                    "(/v1/control/) only")
+
+
+def _split(address: str, *, field: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{field} must be HOST:PORT with a port in 1..65535, got {address!r}")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Where nginx listens, what it dials and with which certificate.
+
+    Parameters
+    ----------
+    prefix
+        nginx's own folder: ``nginx.conf``, ``nginx.pid``, ``logs/``, ``temp/``.
+    superlink
+        The SuperLink's ``HOST:PORT``; must be loopback (the SuperLink binds to 127.0.0.1).
+    hospital_listen
+        ``HOST:PORT`` the SuperNodes dial (``0.0.0.0:9093`` across hospitals).
+    operator_listen
+        ``HOST:PORT`` of the operator's ``flwr`` (loopback: the operator works on the
+        coordinator or through ``ssh -L``).
+    cert, key
+        TLS pair nginx presents on both listeners (the SuperLink's; its SANs name the
+        hospital-facing host).
+    ca_cert
+        The federation CA, to check the SuperLink's certificate on the hop behind nginx.
+    operator_network
+        Allow a non-loopback ``operator_listen`` (an operator-only VPN interface). Off by default.
+    """
+
+    prefix: Path
+    superlink: str
+    hospital_listen: str
+    operator_listen: str
+    cert: Path
+    key: Path
+    ca_cert: Path
+    operator_network: bool = False
+
+    def __post_init__(self) -> None:
+        link_host, _ = _split(self.superlink, field="superlink")
+        if not _is_loopback(link_host):
+            raise ConfigError(f"superlink must be a loopback address (the SuperLink binds to 127.0.0.1 behind the "
+                              f"proxy), got {self.superlink!r}")
+        _split(self.hospital_listen, field="hospital_listen")
+        op_host, _ = _split(self.operator_listen, field="operator_listen")
+        if not _is_loopback(op_host) and not self.operator_network:
+            raise ConfigError(f"operator_listen must be loopback unless operator_network is set (an address only the "
+                              f"operator reaches), got {self.operator_listen!r}")
+        if len({self.superlink, self.hospital_listen, self.operator_listen}) != 3:
+            raise ConfigError(f"superlink, hospital_listen and operator_listen must differ, got {self.superlink!r}, "
+                              f"{self.hospital_listen!r}, {self.operator_listen!r}")
+
+    @property
+    def conf(self) -> Path:
+        """The generated ``nginx.conf``."""
+        return self.prefix / "nginx.conf"
+
+    @property
+    def error_log(self) -> Path:
+        """The error log of nginx (startup errors included)."""
+        return self.prefix / "logs" / "error.log"
+
+
+def _listen(address: str) -> str:
+    host, port = _split(address, field="listen")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _refuse(detail: str) -> str:
+    return ("        location / {\n            default_type application/json;\n"
+            f"            return 403 '{{\"detail\": \"{detail}\"}}';\n        }}\n")
+
+
+def render_nginx_conf(cfg: ProxyConfig) -> str:
+    """The ``nginx.conf`` for ``cfg``: two TLS listeners, one path prefix each, 403 for the rest."""
+    p = cfg.prefix.resolve()
+    link_host, link_port = _split(cfg.superlink, field="superlink")
+    # nginx checks the upstream name with X509_check_host (DNS names): loopback certificates carry localhost.
+    upstream = f"127.0.0.1:{link_port}" if link_host == "localhost" else _listen(cfg.superlink)
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    proxied = ("            proxy_pass https://superlink{prefix};   # the normalised URI goes upstream\n"
+               "            proxy_set_header Host $http_host;\n"
+               "            proxy_set_header Connection \"\";\n"
+               "            proxy_set_header X-Forwarded-For $remote_addr;\n")
+    return (
+        f"# generated by privrad (simulations/proxy.py): SuperLink {cfg.superlink} behind two listeners\n"
+        f"{user}worker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\n"
+        "events { worker_connections 1024; }\n"
+        "http {\n"
+        f"    access_log {p}/logs/access.log;\n"
+        f"    client_body_temp_path {p}/temp/body;\n    proxy_temp_path {p}/temp/proxy;\n"
+        f"    fastcgi_temp_path {p}/temp/fastcgi;\n    uwsgi_temp_path {p}/temp/uwsgi;\n"
+        f"    scgi_temp_path {p}/temp/scgi;\n"
+        "    server_tokens off;\n"
+        "    client_max_body_size 0;          # FABs and model parameters\n"
+        "    proxy_http_version 1.1;\n    proxy_buffering off;\n    proxy_request_buffering off;\n"
+        "    proxy_read_timeout 3600s;\n    proxy_send_timeout 3600s;   # log streams, long pulls\n"
+        f"    proxy_ssl_trusted_certificate {cfg.ca_cert.resolve()};\n"
+        "    proxy_ssl_verify on;\n    proxy_ssl_verify_depth 2;\n"
+        f"    proxy_ssl_name {'localhost' if _is_loopback(link_host) else link_host};\n"
+        "    proxy_ssl_protocols TLSv1.2 TLSv1.3;\n    proxy_ssl_session_reuse on;\n"
+        f"    ssl_certificate {cfg.cert.resolve()};\n    ssl_certificate_key {cfg.key.resolve()};\n"
+        "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+        f"    upstream superlink {{ server {upstream}; keepalive 16; }}\n"
+        f"    # hospitals: the Fleet API only ({link_port} is not reachable from outside)\n"
+        "    server {\n"
+        f"        listen {_listen(cfg.hospital_listen)} ssl;\n"
+        f"        location {FLEET_PREFIX} {{\n            limit_except POST {{ deny all; }}\n"
+        f"{proxied.format(prefix=FLEET_PREFIX)}        }}\n"
+        f"{_refuse(REFUSAL_HOSPITAL)}"
+        "    }\n"
+        "    # operator: the Control API only (runs, node registration, logs, results)\n"
+        "    server {\n"
+        f"        listen {_listen(cfg.operator_listen)} ssl;\n"
+        f"        location {CONTROL_PREFIX} {{\n            limit_except POST {{ deny all; }}\n"
+        f"{proxied.format(prefix=CONTROL_PREFIX)}        }}\n"
+        f"{_refuse(REFUSAL_OPERATOR)}"
+        "    }\n"
+        "}\n")
+
+
+def find_nginx() -> Path:
+    """The nginx binary (``PATH``, then ``/usr/sbin``); a named error if it is missing."""
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                           if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise ConfigError(f"nginx: no nginx binary on PATH or in /usr/sbin; {INSTALL_HINT}")
+    return Path(found)
+
+
+def _accepts(address: str) -> bool:
+    host, port = _split(address, field="listen")
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class NginxProxy:
+    """nginx as a foreground child process (``daemon off``) for one :class:`ProxyConfig`.
+
+    Use as a context manager, or :meth:`start` / :meth:`stop`. The config is checked with
+    ``nginx -t`` first, so a bad one fails with nginx's own message.
+    """
+
+    def __init__(self, cfg: ProxyConfig, *, nginx: Path | None = None) -> None:
+        self.cfg = cfg
+        self.nginx = nginx or find_nginx()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def _args(self) -> list[str]:
+        return [str(self.nginx), "-p", str(self.cfg.prefix.resolve()), "-c", str(self.cfg.conf.resolve()),
+                "-e", str(self.cfg.error_log.resolve())]
+
+    def write(self) -> Path:
+        """Write ``nginx.conf`` and the folders it names, then check it with ``nginx -t``."""
+        for sub in ("logs", "temp"):
+            (self.cfg.prefix / sub).mkdir(parents=True, exist_ok=True)
+        self.cfg.conf.write_text(render_nginx_conf(self.cfg))
+        done = subprocess.run([*self._args(), "-t", "-q"], capture_output=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise ConfigError(f"nginx -t refused {self.cfg.conf}: {(done.stdout + done.stderr).decode().strip()}")
+        return self.cfg.conf
+
+    def start(self, *, timeout: float = 20) -> subprocess.Popen[bytes]:
+        """Write and check the config, start nginx, wait until both listeners accept connections."""
+        self.write()
+        self._log = (self.cfg.prefix / "logs" / "nginx.out").open("wb")
+        self.proc = subprocess.Popen([*self._args(), "-g", "daemon off;"], stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not (_accepts(self.cfg.hospital_listen) and _accepts(self.cfg.operator_listen)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = self.cfg.error_log.read_text()[-1500:] if self.cfg.error_log.is_file() else ""
+                raise ConfigError(f"nginx did not start listening on {self.cfg.hospital_listen} and "
+                                  f"{self.cfg.operator_listen}: {tail}")
+            time.sleep(0.1)
+        logger.info("nginx pid %s: hospitals %s, operator %s → SuperLink %s", self.proc.pid,
+                    self.cfg.hospital_listen, self.cfg.operator_listen, self.cfg.superlink)
+        return self.proc
+
+    def stop(self) -> None:
+        """Stop nginx (SIGTERM: fast shutdown), then wait for it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> NginxProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
