@@ -70,10 +70,11 @@ def register_supernode(pub: NodePublicKey, *, connection: str, env: Mapping[str,
     done = _run_flwr(["supernode", "register", str(pub.path), connection, "--name", pub.site, "--format", "json"],
                      env=env)
     out = done.stdout.decode(errors="replace")
-    if done.returncode != 0 or "{" not in out:
+    reply = json.loads(out[out.index("{"):]) if "{" in out else {}
+    if done.returncode != 0 or "node-id" not in reply:
         raise ConfigError(f"flwr supernode register {pub.path} {connection} failed ({done.returncode}): "
-                          f"{_output(done)[-1500:]}")
-    return int(json.loads(out[out.index("{"):])["node-id"])
+                          f"{reply.get('error-message') or _output(done)[-1500:]}")
+    return int(reply["node-id"])
 
 
 class LocalFederation:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -531,6 +532,10 @@ def deploy_register(
         out_console.print(f"{key.site}: SuperNode {node_id} registered ({key.path})")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @deploy_app.command("proxy")
 def deploy_proxy(
     superlink: Annotated[str, typer.Option(help="The SuperLink's loopback HOST:PORT (flower-superlink --host "
@@ -548,6 +553,7 @@ def deploy_proxy(
     """At the coordinator: nginx in front of the SuperLink, in the foreground until Ctrl-C."""
     cfg = ProxyConfig(prefix=prefix, superlink=superlink, hospital_listen=listen, operator_listen=operator_listen,
                       cert=cert, key=key, ca_cert=ca_cert, operator_network=operator_network)
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops nginx too, as Ctrl-C does
     with NginxProxy(cfg) as proxy:
         out_console.print(f"nginx {proxy.nginx} ({cfg.conf}): hospitals → {listen} (Fleet API), operator → "
                           f"{operator_listen} (Control API), SuperLink {superlink}; Ctrl-C stops it")
