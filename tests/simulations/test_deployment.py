@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -10,8 +11,11 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
 
+from federation.errors import DataError
 from federation.storage import load_checkpoint
+from simulations.cli import app
 from simulations.deployment import LocalFederation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,11 +50,11 @@ def test_hospitals_reach_only_the_fleet_api_and_the_operators_dp_secagg_run_comp
         run_id = fed.run(ROOT, f"num-server-rounds=2 image-size=32 batch-size=4 local-epochs=1 dp=true secagg=true "
                                f"secagg-timeout=120 data-dir='{tiny_federation}' out-dir='{out}'")
         # while the run goes on: what site-1 holds (its key, the CA, the hospital-facing address) is refused
-        hospital = {"ls": fed.flwr_call("ls", fed.name, site="site-1"),
+        hospital = {"ls": fed.flwr_call("ls", fed.name, "--format", "json", site="site-1"),
                     "run": fed.flwr_call("run", str(ROOT), fed.name, "--run-config", "num-server-rounds=1",
-                                         site="site-1", cwd=ROOT),
-                    "register": fed.flwr_call("supernode", "register",
-                                              str(fed.hospital("site-1") / "node.pub"), fed.name, site="site-1")}
+                                         "--format", "json", site="site-1", cwd=ROOT),
+                    "register": fed.flwr_call("supernode", "register", str(fed.hospital("site-1") / "node.pub"),
+                                              fed.name, "--format", "json", site="site-1")}
         listening = _superlink_addresses(fed.procs[0].pid)
         status = fed.wait(run_id, timeout=900)
         runs = fed.flwr("ls", fed.name, "--format", "json")
@@ -63,10 +67,10 @@ def test_hospitals_reach_only_the_fleet_api_and_the_operators_dp_secagg_run_comp
     assert runs.count('"run-id"') == 1                         # the hospital's `flwr run` started nothing
     model = load_checkpoint(out / "global_model.pt").model
     assert model.config.input_size == 32
-    for what, done in hospital.items():
-        text = (done.stdout + done.stderr).decode(errors="replace")
-        assert done.returncode != 0, what
-        assert REFUSED in text, (what, text[-800:])
+    for what, done in hospital.items():   # flwr's exit code is 0 even then: its JSON says what happened
+        reply = json.loads(done.stdout[done.stdout.index(b"{"):])
+        assert reply["success"] is False, (what, reply)
+        assert REFUSED in reply["error-message"], (what, reply)
     assert listening == {"127.0.0.1"}                           # the SuperLink itself: loopback only
     log = (tmp_path / "fed" / "logs" / "supernode-unregistered.log").read_text()
     assert refused not in (None, 0)   # the unregistered SuperNode gave up...
@@ -93,3 +97,22 @@ def test_no_hospital_private_key_exists_at_the_coordinator_and_the_handout_holds
     assert [p.name for p in fed.certs.handout.iterdir()] == ["ca.crt"]
     assert sorted(p.name for p in (fed.coordinator / "received").iterdir()) == ["site-1.pub", "site-2.pub"]
     assert _private_keys_under(fed.operator) == {}
+
+
+def test_the_deploy_commands_keep_each_key_with_its_party_and_register_refuses_a_private_key(tmp_path: Path) -> None:
+    runner = CliRunner()
+
+    node = runner.invoke(app, ["deploy", "node-key", "--site", "site-1", "--out", str(tmp_path / "site-1")])
+    certs = runner.invoke(app, ["deploy", "certs", "--out", str(tmp_path / "coordinator"), "--host", "10.0.0.7"])
+    leaked = runner.invoke(app, ["deploy", "register", "--pub", str(tmp_path / "site-1" / "node"),
+                                 "--flwr-home", str(tmp_path / "flwr")])
+
+    assert node.exit_code == 0, node.output
+    assert "stays here" in node.output
+    assert sorted(p.name for p in (tmp_path / "site-1").iterdir()) == ["node", "node.pub"]
+    assert certs.exit_code == 0, certs.output
+    assert sorted(str(p.relative_to(tmp_path / "coordinator")) for p in (tmp_path / "coordinator").rglob("*")
+                  if p.is_file()) == ["ca-private/ca.key", "handout/ca.crt", "superlink.crt", "superlink.key"]
+    assert isinstance(leaked.exception, DataError)
+    assert "holds a private key" in str(leaked.exception)
+    assert not (tmp_path / "flwr").exists()          # refused before anything was sent

@@ -74,16 +74,17 @@ def test_hospitals_reach_only_the_fleet_api_and_the_operator_only_the_control_ap
         nginx: Path, upstream: tuple[CertSet, int], tmp_path: Path) -> None:
     certs, port = upstream
     cfg = _config(tmp_path, certs, f"127.0.0.1:{port}")
+    trust = ssl.create_default_context(cafile=certs.ca_cert)
 
     def post(listen: str, path: str) -> httpx.Response:
-        return httpx.post(f"https://{listen}{path}", content=b"x", verify=ssl.create_default_context(cafile=certs.ca_cert), timeout=10)
+        return httpx.post(f"https://{listen}{path}", content=b"x", verify=trust, timeout=10)
 
     with NginxProxy(cfg, nginx=nginx):
         fleet = post(cfg.hospital_listen, "/v1/fleet/pull-messages")
         hospital_refused = {p: post(cfg.hospital_listen, p) for p in
                             ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/pull-task-input",
                              "/v1/fleet/%2e%2e/control/start-run", "/docs", "/health")}
-        fleet_get = httpx.get(f"https://{cfg.hospital_listen}/v1/fleet/get-run", verify=ssl.create_default_context(cafile=certs.ca_cert))
+        fleet_get = httpx.get(f"https://{cfg.hospital_listen}/v1/fleet/get-run", verify=trust)
         control = post(cfg.operator_listen, "/v1/control/list-runs")
         operator_refused = {p: post(cfg.operator_listen, p) for p in ("/v1/runtime/pull-task-input", "/v1/fleet/x")}
 
