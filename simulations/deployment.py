@@ -94,6 +94,7 @@ class LocalFederation:
         self.superlink_port, self.fleet_port, self.control_port = free_port(), free_port(), free_port()
         self.coordinator, self.operator = self.root / "coordinator", self.root / "operator"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.superlink: subprocess.Popen[bytes] | None = None
         # coordinator: CA (key apart), SuperLink certificate, the one file handed out
         self.certs = make_certs(self.coordinator / "pki", hosts=["127.0.0.1", "localhost"], overwrite=True)
         # each hospital, in its own folder: its own key pair and the CA certificate it was handed
@@ -153,11 +154,11 @@ class LocalFederation:
     def start(self) -> None:
         """SuperLink on loopback, nginx in front, registration of the received keys, one SuperNode per site."""
         c = self.certs
-        self._spawn([_bin("flower-superlink"), "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile",
-                     str(c.superlink_cert), "--ssl-keyfile", str(c.superlink_key), "--enable-supernode-auth",
-                     "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
-                     "--port", str(self.superlink_port), "--database", str(self.coordinator / "superlink.db")],
-                    "superlink.log", cwd=self.coordinator)
+        args = [_bin("flower-superlink"), "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile",
+                str(c.superlink_cert), "--ssl-keyfile", str(c.superlink_key), "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                "--port", str(self.superlink_port), "--database", str(self.coordinator / "superlink.db")]
+        self.superlink = self._spawn(args, "superlink.log", cwd=self.coordinator)
         self.proxy.start()
         deadline = time.monotonic() + 60
         for site in self.sites:
@@ -213,12 +214,12 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Terminate every process started here (SuperNodes first, nginx before the SuperLink)."""
-        for proc in reversed(self.procs[1:]):
-            if proc.poll() is None:
+        for proc in reversed(self.procs):
+            if proc is not self.superlink and proc.poll() is None:
                 proc.terminate()
         self.proxy.stop()
-        if self.procs and self.procs[0].poll() is None:
-            self.procs[0].terminate()
+        if self.superlink is not None and self.superlink.poll() is None:
+            self.superlink.terminate()
         for proc in self.procs:
             try:
                 proc.wait(timeout=20)

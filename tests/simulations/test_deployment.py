@@ -55,7 +55,8 @@ def test_hospitals_reach_only_the_fleet_api_and_the_operators_dp_secagg_run_comp
                                          "--format", "json", site="site-1", cwd=ROOT),
                     "register": fed.flwr_call("supernode", "register", str(fed.hospital("site-1") / "node.pub"),
                                               fed.name, "--format", "json", site="site-1")}
-        listening = _superlink_addresses(fed.procs[0].pid)
+        assert fed.superlink is not None
+        listening = _superlink_addresses(fed.superlink.pid)
         status = fed.wait(run_id, timeout=900)
         runs = fed.flwr("ls", fed.name, "--format", "json")
         try:
