@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he budget select test test-fast lint install clean
+.PHONY: demo demo-he budget select test test-fast lint install nginx clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# nginx from Debian, the reverse proxy in front of the SuperLink (docs/deployment.md); idempotent.
+nginx:
+	bash scripts/install-nginx.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q

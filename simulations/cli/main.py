@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,11 +14,11 @@ from rich.table import Table
 
 from federation.config import RunConfig
 from federation.console import console, out_console, progress_bar
-from federation.errors import PrivradError
+from federation.errors import ConfigError, PrivradError
 from federation.ingest import Preprocess, SkippedFile, load_dataset, site_folders
 from federation.metrics import ClassificationMetrics
 from federation.model import ArchConfig, HeadKind, ModelKind
-from federation.pki import make_certs, write_connection
+from federation.pki import make_certs, make_node_key, read_node_public_key, write_connection
 from federation.storage import atomic_write_json, load_checkpoint
 from federation.train import EpochStats, TrainConfig, default_lr
 from federation.train import evaluate as evaluate_model
@@ -28,9 +29,11 @@ from simulations.budget import SweepConfig, SweepPoint, SweepSummary, load_sweep
 from simulations.centralised import train_centralised
 from simulations.cli.he import he_app
 from simulations.cli.storage import keyed_app, leakage, vault_app
+from simulations.deployment import flower_env, register_supernode
 from simulations.federated import run_federated
 from simulations.local import run_local
 from simulations.phantoms import PhantomConfig, generate_phantoms, public_profile
+from simulations.proxy import NginxProxy, ProxyConfig
 from simulations.report import render_report
 from simulations.selection import run_selection
 
@@ -476,25 +479,90 @@ def _print_metrics(metrics: ClassificationMetrics, *, title: str) -> None:
     out_console.print(f"accuracy {metrics.accuracy:.3f} on {metrics.n} images")
 
 
-deploy_app = typer.Typer(help="Run the federation across hospitals: certificates and SuperLink connections.",
-                         no_args_is_help=True)
+deploy_app = typer.Typer(help="Run the federation across hospitals: keys, certificates, registration, the proxy, "
+                              "SuperLink connections.", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("node-key")
+def deploy_node_key(
+    site: Annotated[str, typer.Option(help="This hospital's name (the key's comment, the SuperNode's name).")],
+    out: Annotated[Path, typer.Option(help="Folder for node (private, mode 600) and node.pub.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing key pair.")] = False,
+) -> None:
+    """At the hospital: make this SuperNode's ECDSA key pair; send only node.pub to the coordinator."""
+    key = make_node_key(out, site=site, overwrite=force)
+    out_console.print(f"{key.private_key} (mode 600) stays here: give it to flower-supernode "
+                      f"--auth-supernode-private-key; send {key.public_key} to the coordinator")
 
 
 @deploy_app.command("certs")
 def deploy_certs(
-    out: Annotated[Path, typer.Option(help="Folder for ca.crt, superlink.crt/.key and SITE/node(.pub).")],
-    site: Annotated[list[str], typer.Option(help="A hospital's name (repeat per site).")],
-    host: Annotated[list[str], typer.Option(help="A DNS name or IP the SuperLink is reached at (repeat).")],
+    out: Annotated[Path, typer.Option(help="Coordinator folder: ca-private/ca.key, handout/ca.crt, "
+                                           "superlink.crt/.key.")],
+    host: Annotated[list[str], typer.Option(help="A DNS name or IP the hospitals reach the SuperLink's proxy at "
+                                                 "(repeat); 127.0.0.1 and localhost are always added.")],
     days: Annotated[int, typer.Option(help="Validity of the certificates.")] = 365,
     force: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
 ) -> None:
-    """A private CA, the SuperLink's TLS certificate, and an ECDSA key pair per SuperNode."""
-    certs = make_certs(out, sites=site, hosts=host, days=days, overwrite=force)
-    out_console.print(f"CA {certs.ca_cert}; SuperLink {certs.superlink_cert} (SANs: {', '.join(host)}); "
-                      f"SuperNode keys: " + ", ".join(f"{s} → {k[0]}" for s, k in certs.site_keys.items()))
-    out_console.print("private keys are mode 600: ca.key stays with the operator, each SITE/node goes only to its "
-                      "hospital; register each SITE/node.pub with `flwr supernode register`")
+    """At the coordinator: a private CA and the SuperLink's TLS certificate (hospitals make their own keys)."""
+    certs = make_certs(out, hosts=host, days=days, overwrite=force)
+    out_console.print(f"SuperLink {certs.superlink_cert} + {certs.superlink_key} (mode 600); "
+                      f"CA key {certs.ca_key} (folder 700: keep it offline, never hand it out)")
+    out_console.print(f"hand out {certs.ca_cert} (the only file in {certs.handout}) to every hospital and the operator")
+
+
+@deploy_app.command("register")
+def deploy_register(
+    pub: Annotated[list[Path], typer.Option(help="A hospital's node.pub as received (repeat).")],
+    connection: Annotated[str, typer.Option(help="The operator's SuperLink connection (see deploy connection).")]
+        = "hospitals",
+    site: Annotated[str | None, typer.Option(help="SuperNode name [default: the key's comment]; one --pub only.")]
+        = None,
+    flwr_home: Annotated[Path | None, typer.Option(help="Flower's config folder [default: $FLWR_HOME or "
+                                                        "~/.flwr].")] = None,
+) -> None:
+    """At the coordinator: check each received public key (a private key is refused) and register it."""
+    if site is not None and len(pub) != 1:
+        raise ConfigError(f"--site names one key, got {len(pub)} --pub")
+    home = flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    keys = [read_node_public_key(p, site=site) for p in pub]   # all checked before any is registered
+    for key in keys:
+        node_id = register_supernode(key, connection=connection, env=flower_env(home))
+        out_console.print(f"{key.site}: SuperNode {node_id} registered ({key.path})")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@deploy_app.command("proxy")
+def deploy_proxy(
+    superlink: Annotated[str, typer.Option(help="The SuperLink's loopback HOST:PORT (flower-superlink --host "
+                                                "127.0.0.1 --port PORT).")],
+    listen: Annotated[str, typer.Option(help="HOST:PORT the hospitals' SuperNodes dial (Fleet API only).")],
+    operator_listen: Annotated[str, typer.Option(help="HOST:PORT of the operator's flwr (Control API only; "
+                                                      "loopback).")],
+    cert: Annotated[Path, typer.Option(help="TLS certificate (superlink.crt).")],
+    key: Annotated[Path, typer.Option(help="Its key (superlink.key).")],
+    ca_cert: Annotated[Path, typer.Option(help="The federation's ca.crt (checks the SuperLink behind nginx).")],
+    prefix: Annotated[Path, typer.Option(help="nginx's own folder: config, pid, logs, temp files.")],
+    operator_network: Annotated[bool, typer.Option(help="Allow a non-loopback --operator-listen (an "
+                                                        "operator-only network).")] = False,
+) -> None:
+    """At the coordinator: nginx in front of the SuperLink, in the foreground until Ctrl-C."""
+    cfg = ProxyConfig(prefix=prefix, superlink=superlink, hospital_listen=listen, operator_listen=operator_listen,
+                      cert=cert, key=key, ca_cert=ca_cert, operator_network=operator_network)
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops nginx too, as Ctrl-C does
+    with NginxProxy(cfg) as proxy:
+        out_console.print(f"nginx {proxy.nginx} ({cfg.conf}): hospitals → {listen} (Fleet API), operator → "
+                          f"{operator_listen} (Control API), SuperLink {superlink}; Ctrl-C stops it")
+        try:
+            code = proxy.proc.wait() if proxy.proc is not None else 1
+        except KeyboardInterrupt:
+            code = 0
+    if code:
+        raise ConfigError(f"nginx exited with {code}: see {cfg.error_log}")
 
 
 @deploy_app.command("connection")

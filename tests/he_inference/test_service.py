@@ -133,7 +133,7 @@ def test_the_service_over_tls_answers_only_clients_that_trust_its_ca(tmp_path: P
     model = build_model(ArchConfig(input_size=16, channels=(2,), head=HeadKind.FLATTEN), seed=9).eval()
     save_checkpoint(tmp_path / "m.pt", model, meta={"classes": CLASSES, "preprocess": {"size": 16}})
     compile_checkpoint(tmp_path / "m.pt").compiled.save(tmp_path / "m.he")
-    certs = make_certs(tmp_path / "certs", sites=["unused"], hosts=["127.0.0.1"])
+    certs = make_certs(tmp_path / "certs", hosts=["127.0.0.1"])
     proc, url = start_service(tmp_path / "m.he", workers=1,
                               tls=(certs.superlink_cert, certs.superlink_key, certs.ca_cert))
     try:
