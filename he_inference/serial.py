@@ -104,7 +104,7 @@ def unpack(data: bytes, kind: ContainerKind, *, source: str = "<bytes>",
     try:
         head = json.loads(line)
         sizes = [(str(n), int(k)) for n, k in head["parts"]]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:   # RecursionError: deeply nested JSON
         raise CiphertextError(f"{source}: unreadable header ({exc})") from exc
     if sum(k for _, k in sizes) != len(body) or hashlib.sha256(body).hexdigest() != head.get("body_sha256"):
         raise CiphertextError(f"{source}: truncated or modified (body does not match its hash)")
