@@ -8,6 +8,7 @@ answers a key id) and then only ciphertexts.
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import time
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 
 from federation.errors import ConfigError, HEError
+from federation.storage import atomic_write_json
 from he_inference.artifact import ClientModel, CompiledModel, MetaKey
 from he_inference.images import read_image
 from he_inference.keys import SECRET_FILE, SecretKeys
@@ -101,6 +103,7 @@ class Classification:
 
 
 TOKEN_ENV = "PRIVRAD_HE_TOKEN"
+KEY_IDS_FILE = "service-keys.json"   # in the key folder: the key id each service gave these keys
 
 
 def load_token(token_file: Path | None = None) -> str:
@@ -130,9 +133,10 @@ def load_token(token_file: Path | None = None) -> str:
 class ServiceClient:
     """A connection to one encrypted-inference service, with this hospital's token and keys.
 
-    Registers the hospital's evaluation keys on connect, and again (once, then retries) when
-    the service answers ``unknown_key_id`` (its keys were replaced or released); a 503 is
-    retried after its ``Retry-After`` until ``timeout`` has passed.
+    Registers the hospital's evaluation keys on first contact with a service (the key id is
+    kept in the key folder's ``service-keys.json``, so the hospital's other clients reuse it),
+    and again (once, then retries) when the service answers ``unknown_key_id`` (its keys were
+    replaced or released); a 503 is retried after its ``Retry-After`` until ``timeout``.
     """
 
     def __init__(self, url: str, keys_dir: Path, *, token: str, ca_cert: Path | None = None,
@@ -148,15 +152,26 @@ class ServiceClient:
         else:  # first contact: make this hospital's keys for the served model
             self.keys = SecretKeys.generate(self.model.params, self.model.steps)
             self.keys.save(keys_dir)
-        self.key_id = ""
+        self._ids_file = keys_dir / KEY_IDS_FILE
+        self._service = f"{self.http.base_url}#{self.model.digest}"
         self.registrations = 0
-        self.register()
+        self.key_id = self._known_ids().get(self._service, "")
+        if not self.key_id:   # the keys are sent once per service; the id is kept in the key folder
+            self.register()
+
+    def _known_ids(self) -> dict[str, str]:
+        try:
+            ids = json.loads(self._ids_file.read_text())
+            return {str(k): str(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
+        except (OSError, ValueError):
+            return {}
 
     def register(self) -> str:
         """Send the public evaluation keys (``POST /keys``); returns and keeps the key id."""
         reply = self._send("POST", "/keys", content=self.keys.public_bytes(), headers={"content-type": OCTET})
         self.key_id = str(reply.json()["key_id"])
         self.registrations += 1
+        atomic_write_json(self._ids_file, {**self._known_ids(), self._service: self.key_id})
         return self.key_id
 
     def _send(self, method: str, path: str, *, content: bytes | None = None,

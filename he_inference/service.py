@@ -32,7 +32,6 @@ service keeps serving. Failures of the worker pool are a 503 with a generic deta
 unexpected exception a 500 with a generic body: tracebacks and server paths stay in the log.
 """
 
-from __future__ import annotations
 
 import ipaddress
 import logging

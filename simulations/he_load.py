@@ -84,8 +84,9 @@ class LoadResult:
     upload_bytes: int                     # the largest upload sent
     wall_s: float
     registrations: int                    # POST /keys the clients made (re-registrations included)
-    rss_start_bytes: int | None
-    rss_peak_bytes: int | None
+    rss_start_bytes: int | None           # the server before these hospitals' keys
+    rss_keys_bytes: int | None            # ... once each hospital's key set is registered
+    rss_peak_bytes: int | None            # the peak over the whole test
 
     def percentile(self, q: float) -> float:
         """A latency percentile, seconds."""
@@ -103,10 +104,6 @@ def load_test(url: str, *, hospitals: Mapping[str, tuple[str, Path]], images: Ar
     if not names or clients < 1 or requests < 1:
         raise ConfigError(f"`hospitals`, `clients` and `requests` must be non-empty / ≥ 1, got {len(names)}, "
                           f"{clients}, {requests}")
-    for name in names:   # first contact: keys generated and registered once per hospital
-        token, keys = hospitals[name]
-        ServiceClient(url, keys, token=token, ca_cert=ca_cert).close()
-
     def one_client(c: int) -> list[tuple[int, Array, float, float, int]]:
         token, keys = hospitals[names[c % len(names)]]
         out = []
@@ -122,13 +119,18 @@ def load_test(url: str, *, hospitals: Mapping[str, tuple[str, Path]], images: Ar
 
     regs: list[int] = []
     sampler = RssSampler(server_pid) if server_pid is not None else None
-    t0 = time.perf_counter()
-    with sampler if sampler is not None else contextlib.nullcontext(), ThreadPoolExecutor(clients) as pool:
-        rows = [row for rows in pool.map(one_client, range(clients)) for row in rows]
-    wall = time.perf_counter() - t0
+    with sampler if sampler is not None else contextlib.nullcontext():
+        for name in names:   # first contact: keys generated and registered once per hospital
+            token, keys = hospitals[name]
+            ServiceClient(url, keys, token=token, ca_cert=ca_cert).close()
+        rss_keys = sampler.rss() if sampler is not None else None
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            rows = [row for rows in pool.map(one_client, range(clients)) for row in rows]
+        wall = time.perf_counter() - t0
     return LoadResult(tuple(r[0] for r in rows), np.array([r[1] for r in rows]), tuple(r[2] for r in rows),
                       tuple(r[3] for r in rows), max(r[4] for r in rows), wall, sum(regs) + len(names),
-                      sampler.first if sampler else None, sampler.peak if sampler else None)
+                      sampler.first if sampler else None, rss_keys, sampler.peak if sampler else None)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class LoadReport:
     server_s_median: float
     wall_s: float
     rss_start_mb: float
+    rss_per_key_set_mb: float
     rss_peak_mb: float
     max_abs_logit_err: float
     max_abs_logit: float
@@ -196,7 +199,9 @@ def run_load(out: Path, *, size: int = 64, checkpoint: Path | None = None, clien
         size=compiled.image_shape[-1], clients=clients, hospitals=hospitals, requests=requests, workers=workers,
         classifications=len(result.latency_s), p50_s=result.percentile(50), p95_s=result.percentile(95),
         max_s=max(result.latency_s), server_s_median=float(np.median(result.server_s)), wall_s=result.wall_s,
-        rss_start_mb=(result.rss_start_bytes or 0) / 2**20, rss_peak_mb=(result.rss_peak_bytes or 0) / 2**20,
+        rss_start_mb=(result.rss_start_bytes or 0) / 2**20,
+        rss_per_key_set_mb=((result.rss_keys_bytes or 0) - (result.rss_start_bytes or 0)) / hospitals / 2**20,
+        rss_peak_mb=(result.rss_peak_bytes or 0) / 2**20,
         max_abs_logit_err=float(np.abs(result.logits - ref).max()), max_abs_logit=float(np.abs(ref).max()),
         argmax_agreement=float(np.mean(result.logits.argmax(1) == ref.argmax(1))),
         key_bytes=(out / "keys" / names[0] / "public.keys").stat().st_size,
