@@ -142,8 +142,8 @@ class TokenFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.store = TokenStore.load(self.path)   # a missing or malformed file is a ConfigError here
         self._stamp = self._stat()
-        self.store = TokenStore.load(self.path)
 
     def _stat(self) -> tuple[int, int, int]:
         st = os.stat(self.path)
