@@ -140,14 +140,19 @@ class ServiceClient:
     """
 
     def __init__(self, url: str, keys_dir: Path, *, token: str, ca_cert: Path | None = None,
-                 timeout: float = 900.0) -> None:
+                 timeout: float = 900.0, keys: SecretKeys | None = None) -> None:
+        """Connect; ``keys`` (already loaded from ``keys_dir``) lets several clients of a hospital share them."""
         verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
         self.timeout = timeout
         self.http = httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout,
                                  headers={"authorization": f"Bearer {token}"})
         self.model = ClientModel.from_dict(self._send("GET", "/model").json())
         keys_dir = Path(keys_dir)
-        if (keys_dir / SECRET_FILE).is_file():
+        if keys is not None:
+            if keys.params != self.model.params:
+                raise HEError("the keys given are for other CKKS parameters than the service's model")
+            self.keys = keys
+        elif (keys_dir / SECRET_FILE).is_file():
             self.keys = SecretKeys.load(keys_dir, self.model.params)
         else:  # first contact: make this hospital's keys for the served model
             self.keys = SecretKeys.generate(self.model.params, self.model.steps)

@@ -569,8 +569,10 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_path: Path, *, tokens: Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
           tls_cert: Path | None = None, tls_key: Path | None = None, insecure: bool = False,
-          limits: ServiceLimits | None = None) -> None:
+          limits: ServiceLimits | None = None, progress: Callable[[str], None] | None = None) -> None:
     """Run the service with uvicorn until interrupted; the worker pool is stopped on the way out.
+
+    The settings are checked first (``progress`` hears when the slow start begins).
 
     Raises
     ------
@@ -587,6 +589,8 @@ def serve(model_path: Path, *, tokens: Path, host: str = "127.0.0.1", port: int 
     if insecure and tls_cert is None and not is_loopback(host):
         log.warning("serving plaintext HTTP on %s (--insecure): put a TLS terminator in front", host)
     TokenFile(tokens)   # a missing or unreadable tokens file stops here, before the model is encoded
+    if progress is not None:
+        progress(f"encoding the model and starting {workers} worker(s) …")
     app = create_app(model_path, tokens=tokens, workers=workers, limits=limits)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning",

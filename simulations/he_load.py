@@ -105,9 +105,10 @@ def load_test(url: str, *, hospitals: Mapping[str, tuple[str, Path]], images: Ar
         raise ConfigError(f"`hospitals`, `clients` and `requests` must be non-empty / ≥ 1, got {len(names)}, "
                           f"{clients}, {requests}")
     def one_client(c: int) -> list[tuple[int, Array, float, float, int]]:
-        token, keys = hospitals[names[c % len(names)]]
+        name = names[c % len(names)]
+        token, keys = hospitals[name]
         out = []
-        with ServiceClient(url, keys, token=token, ca_cert=ca_cert) as client:
+        with ServiceClient(url, keys, token=token, ca_cert=ca_cert, keys=loaded[name]) as client:
             for r in range(requests):
                 k = (c * requests + r) % len(images)
                 t0 = time.perf_counter()
@@ -120,9 +121,11 @@ def load_test(url: str, *, hospitals: Mapping[str, tuple[str, Path]], images: Ar
     regs: list[int] = []
     sampler = RssSampler(server_pid) if server_pid is not None else None
     with sampler if sampler is not None else contextlib.nullcontext():
+        loaded = {}   # one SecretKeys per hospital, shared by its clients (each holds the public keys too)
         for name in names:   # first contact: keys generated and registered once per hospital
             token, keys = hospitals[name]
-            ServiceClient(url, keys, token=token, ca_cert=ca_cert).close()
+            with ServiceClient(url, keys, token=token, ca_cert=ca_cert) as first:
+                loaded[name] = first.keys
         rss_keys = sampler.rss() if sampler is not None else None
         t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:

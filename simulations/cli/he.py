@@ -216,9 +216,8 @@ def serve(
     """Server: the encrypted-inference web service (public keys and ciphertext only, bearer tokens)."""
     limits = ServiceLimits(max_clients=max_clients, keys_per_hospital=keys_per_hospital, key_idle_s=key_idle_s,
                            max_queue=max_queue)
-    console.print(f"encoding the model and starting {workers} worker(s) …")
     run_service(model, tokens=tokens, host=host, port=port, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
-                insecure=insecure, limits=limits)
+                insecure=insecure, limits=limits, progress=console.print)
 
 
 @he_app.command()
