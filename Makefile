@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he budget select test test-fast lint install nginx clean
+.PHONY: demo demo-he bench-service budget select test test-fast lint install nginx clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -52,6 +52,11 @@ demo: $(STAMP)
 # The federated model serves one encrypted classification on loopback (needs the demo's run folder).
 demo-he: $(STAMP)
 	$(VENV)/bin/privrad he demo --run $(DEMO)/federated --data $(DEMO)/data --out $(DEMO)/he
+
+# Load on the encrypted-inference service (64×64 Approx-CNN, random weights): 16 concurrent clients of
+# 2 hospitals × 5 classifications; prints p50/p95 latency and the service's peak RSS. Several minutes.
+bench-service: $(STAMP)
+	$(VENV)/bin/privrad he load --size 64 --clients 16 --hospitals 2 --requests 5 --out runs/bench-service
 
 # Privacy-budget sweep (ε ∈ {1,2,4,8,∞} × 3 seeds, membership + inversion audits) and its report.
 # About an hour on 2 cores; rerun to resume an interrupted sweep.

@@ -16,7 +16,7 @@ Artifact and runtime
     ``artifact`` the compiled model and its ``.he`` file · ``compiler`` the pipeline
     (``compile_model``, ``compile_checkpoint``) · ``serial`` the wire format · ``keys``
     secret and public key material · ``engine`` one-process encrypted forward pass ·
-    ``parallel`` the worker pool.
+    ``parallel`` the worker pool · ``tokens`` the service's bearer tokens (hashes only).
 Both ends
     ``server`` :class:`InferenceServer` (public keys only) · ``client`` encrypt, decrypt,
     the service client · ``service`` the web service.

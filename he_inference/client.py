@@ -8,6 +8,8 @@ answers a key id) and then only ciphertexts.
 
 from __future__ import annotations
 
+import json
+import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -18,14 +20,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from federation.errors import HEError
+from federation.errors import ConfigError, HEError
+from federation.storage import atomic_write_json
 from he_inference.artifact import ClientModel, CompiledModel, MetaKey
 from he_inference.images import read_image
 from he_inference.keys import SECRET_FILE, SecretKeys
 from he_inference.passes.ir import Array
 
-__all__ = ["Classification", "Prediction", "ServiceClient", "decrypt_logits", "encrypt_image", "prediction",
-           "softmax"]
+__all__ = ["TOKEN_ENV", "Classification", "Prediction", "ServiceClient", "decrypt_logits", "encrypt_image",
+           "load_token", "prediction", "softmax"]
 
 OCTET = "application/octet-stream"
 
@@ -99,39 +102,113 @@ class Classification:
                 "upload_bytes": self.upload_bytes, "download_bytes": self.download_bytes}
 
 
-class ServiceClient:
-    """A connection to one encrypted-inference service, with this hospital's keys."""
+TOKEN_ENV = "PRIVRAD_HE_TOKEN"
+KEY_IDS_FILE = "service-keys.json"   # in the key folder: the key id each service gave these keys
 
-    def __init__(self, url: str, keys_dir: Path, *, ca_cert: Path | None = None, timeout: float = 900.0) -> None:
+
+def load_token(token_file: Path | None = None) -> str:
+    """The hospital's bearer token: the first line of ``token_file``, else the ``PRIVRAD_HE_TOKEN`` variable.
+
+    Raises
+    ------
+    ConfigError
+        Neither gives a token.
+    """
+    if token_file is not None:
+        path = Path(token_file)
+        if not path.is_file():
+            raise ConfigError(f"`--token-file` {path}: no such file")
+        lines = path.read_text().strip().splitlines()
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ConfigError(f"`--token-file` {path} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ConfigError(f"no token: give --token-file FILE or set {TOKEN_ENV} (the operator issues one with "
+                          "`privrad he token add HOSPITAL`)")
+    return token
+
+
+class ServiceClient:
+    """A connection to one encrypted-inference service, with this hospital's token and keys.
+
+    Registers the hospital's evaluation keys on first contact with a service (the key id is
+    kept in the key folder's ``service-keys.json``, so the hospital's other clients reuse it),
+    and again (once, then retries) when the service answers ``unknown_key_id`` (its keys were
+    replaced or released); a 503 is retried after its ``Retry-After`` until ``timeout``.
+    """
+
+    def __init__(self, url: str, keys_dir: Path, *, token: str, ca_cert: Path | None = None,
+                 timeout: float = 900.0, keys: SecretKeys | None = None) -> None:
+        """Connect; ``keys`` (already loaded from ``keys_dir``) lets several clients of a hospital share them."""
         verify: bool | ssl.SSLContext = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
-        self.http = httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout)
-        self.model = ClientModel.from_dict(self._check(self.http.get("/model"), "GET /model").json())
+        self.timeout = timeout
+        self.http = httpx.Client(base_url=url.rstrip("/"), verify=verify, timeout=timeout,
+                                 headers={"authorization": f"Bearer {token}"})
+        self.model = ClientModel.from_dict(self._send("GET", "/model").json())
         keys_dir = Path(keys_dir)
-        if (keys_dir / SECRET_FILE).is_file():
+        if keys is not None:
+            if keys.params != self.model.params:
+                raise HEError("the keys given are for other CKKS parameters than the service's model")
+            self.keys = keys
+        elif (keys_dir / SECRET_FILE).is_file():
             self.keys = SecretKeys.load(keys_dir, self.model.params)
         else:  # first contact: make this hospital's keys for the served model
             self.keys = SecretKeys.generate(self.model.params, self.model.steps)
             self.keys.save(keys_dir)
-        reply = self.http.post("/keys", content=self.keys.public_bytes(), headers={"content-type": OCTET})
-        self.key_id = str(self._check(reply, "POST /keys").json()["key_id"])
+        self._ids_file = keys_dir / KEY_IDS_FILE
+        self._service = f"{self.http.base_url}#{self.model.digest}"
+        self.registrations = 0
+        self.key_id = self._known_ids().get(self._service, "")
+        if not self.key_id:   # the keys are sent once per service; the id is kept in the key folder
+            self.register()
 
-    @staticmethod
-    def _check(reply: httpx.Response, what: str) -> httpx.Response:
+    def _known_ids(self) -> dict[str, str]:
+        try:
+            ids = json.loads(self._ids_file.read_text())
+            return {str(k): str(v) for k, v in ids.items()} if isinstance(ids, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def register(self) -> str:
+        """Send the public evaluation keys (``POST /keys``); returns and keeps the key id."""
+        reply = self._send("POST", "/keys", content=self.keys.public_bytes(), headers={"content-type": OCTET})
+        self.key_id = str(reply.json()["key_id"])
+        self.registrations += 1
+        atomic_write_json(self._ids_file, {**self._known_ids(), self._service: self.key_id})
+        return self.key_id
+
+    def _send(self, method: str, path: str, *, content: bytes | None = None,
+              headers: dict[str, str] | None = None, refused_ok: tuple[str, ...] = ()) -> httpx.Response:
+        """One request; 503s retried after Retry-After; an error whose name is in ``refused_ok`` is returned."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            reply = self.http.request(method, path, content=content, headers=headers)
+            if reply.status_code != 503 or time.monotonic() > deadline:
+                break
+            wait = reply.headers.get("retry-after", "1")
+            time.sleep(min(float(wait) if wait.isdigit() else 1.0, max(0.0, deadline - time.monotonic()), 30.0))
         if reply.status_code >= 400:
             try:
                 body = reply.json()
-                detail = f"{body.get('error')}: {body.get('detail')}"
+                error, detail = str(body.get("error")), str(body.get("detail"))
             except ValueError:
-                detail = reply.text[:200]
-            raise HEError(f"{what} refused ({reply.status_code}) — {detail}")
+                error, detail = "", reply.text[:200]
+            if error in refused_ok:
+                return reply
+            raise HEError(f"{method} {path} refused ({reply.status_code}) — {error}: {detail}")
         return reply
 
     def classify(self, image: Array, *, name: str | None = None) -> Classification:
         """One image (C, H, W) in [0, 1] → probabilities, logits, sizes and timings."""
         t0 = time.perf_counter()
         upload = encrypt_image(self.model, self.keys, image)
-        reply = self._check(self.http.post(f"/infer/{self.key_id}", content=upload, headers={"content-type": OCTET}),
-                            "POST /infer")
+        reply = self._send("POST", f"/infer/{self.key_id}", content=upload, headers={"content-type": OCTET},
+                           refused_ok=("unknown_key_id",))
+        if reply.status_code == 404:   # keys replaced or released on the service: register again, once
+            self.register()
+            reply = self._send("POST", f"/infer/{self.key_id}", content=upload, headers={"content-type": OCTET})
         logits = decrypt_logits(self.model, self.keys, reply.content, source="service reply")
         return Classification(prediction(logits, self.model.classes),
                               float(reply.headers.get("X-Privrad-Seconds", "nan")), time.perf_counter() - t0,

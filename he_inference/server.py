@@ -39,10 +39,15 @@ class InferenceServer:
         """
         self.model = model
         self.workers = max(1, int(workers))
+        # Parsed key sets are held only where a pass runs: here with one worker; with a pool, in the
+        # workers (the coordinator keeps the ids, and the pool the serialised blobs for a respawn).
         self._keysets: dict[str, PublicKeys] = {}
+        self._key_ids: set[str] = set()
         if keys is not None:
             keys = require_keys_for(keys, model.params, model.plan.steps)
-            self._keysets[""] = keys
+            self._key_ids.add("")
+            if self.workers == 1:
+                self._keysets[""] = keys
         self._pool: ParallelEngine | None = None
         self._engine: Engine | None = None
         self._tmpfile: str | None = None
@@ -68,16 +73,21 @@ class InferenceServer:
         """Add another client's evaluation keys (the encoded model is shared); returns its key id."""
         keys = require_keys_for(keys, self.model.params, self.model.plan.steps)
         kid = key_id(keys.blob)
-        if kid not in self._keysets:
+        if kid not in self._key_ids:
             if self._pool is not None:
                 self._pool.add_keys(kid, keys)
-            self._keysets[kid] = keys
+            else:
+                self._keysets[kid] = keys
+            self._key_ids.add(kid)
         return kid
 
     def forget(self, key_id: str) -> None:
         """Release a client's evaluation keys (not the ones the server was built with)."""
-        if key_id and self._keysets.pop(key_id, None) is not None and self._pool is not None:
-            self._pool.forget_keys(key_id)
+        if key_id and key_id in self._key_ids:
+            self._key_ids.discard(key_id)
+            self._keysets.pop(key_id, None)
+            if self._pool is not None:
+                self._pool.forget_keys(key_id)
 
     def infer(self, upload: bytes, *, key_id: str = "", progress: Callable[[str, int, int], None] | None = None
               ) -> tuple[bytes, list[LayerTiming]]:
@@ -96,7 +106,7 @@ class InferenceServer:
         HEError
             Any other reason the pass cannot go on (named).
         """
-        if key_id not in self._keysets:
+        if key_id not in self._key_ids:
             raise KeyMaterialError(f"no evaluation keys registered under {key_id[:32]!r}")
         if self._pool is not None:
             return self._pool.infer(upload, key_id=key_id, progress=progress)

@@ -3,9 +3,11 @@
 :func:`start_service` runs ``privrad he serve`` as a child process on loopback (the demo and
 the service tests use it).
 
-Compile the global model, start the encrypted-inference service on loopback, let a hospital
-client (its own keys) encrypt one held-out slice, have the service classify it on ciphertext,
-decrypt, and report the result beside the privacy spent in training and the timings.
+Compile the global model, issue a token for the demo hospital (``OUT/tokens.json`` keeps its
+hash, ``OUT/demo-hospital.token`` the token), start the encrypted-inference service on
+loopback, let the hospital's client (its token, its own keys) encrypt one held-out slice,
+have the service classify it on ciphertext, decrypt, and report the result beside the
+privacy spent in training and the timings.
 """
 
 from __future__ import annotations
@@ -26,27 +28,35 @@ import httpx
 
 from federation.errors import DataError, HEError
 from federation.net import free_port
-from federation.storage import atomic_write_json, load_checkpoint
+from federation.storage import atomic_write_bytes, atomic_write_json, load_checkpoint
 from he_inference.client import ServiceClient
 from he_inference.compiler import compile_checkpoint, load_calibration
+from he_inference.tokens import TokenStore
 
 __all__ = ["DemoSummary", "run_demo", "start_service"]
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 32   # public images the demo calibrates on
+DEMO_HOSPITAL = "demo-hospital"   # the one hospital of the demo: its token lands in OUT/demo-hospital.token
 
 
-def start_service(model_path: Path, *, port: int | None = None, workers: int = 2, extra: list[str] | None = None,
-                  tls: tuple[Path, Path, Path] | None = None,
+def start_service(model_path: Path, *, tokens: Path | None = None, port: int | None = None, workers: int = 2,
+                  extra: list[str] | None = None, tls: tuple[Path, Path, Path] | None = None,
                   timeout: float = 300.0) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``privrad he serve`` as a child process on loopback; returns (process, URL) once healthy.
 
-    ``tls`` = (certificate, key, CA certificate) serves HTTPS, checked against that CA.
+    ``tokens`` is the hospitals' tokens file (default: ``tokens.json`` beside the model, made
+    empty if missing: only ``/health`` answers then). ``tls`` = (certificate, key, CA
+    certificate) serves HTTPS, checked against that CA.
     """
     port = port or free_port()
+    if tokens is None:
+        tokens = Path(model_path).parent / "tokens.json"
+        if not tokens.is_file():
+            TokenStore().save(tokens)
     proc = subprocess.Popen([sys.executable, "-m", "simulations.cli.main", "he", "serve", "--model", str(model_path),
-                             "--port", str(port), "--workers", str(workers), *(extra or []),
+                             "--tokens", str(tokens), "--port", str(port), "--workers", str(workers), *(extra or []),
                              *(["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
@@ -108,12 +118,17 @@ def run_demo(run: Path, data: Path, out: Path, *, workers: int = 2,
     if not labels:
         raise DataError(data / "test" / "labels.csv", "lists no slices")
     slice_name = sorted(labels)[0]
+    tokens = out / "tokens.json"
+    if tokens.is_file():
+        tokens.unlink()   # a fresh demo: one token, for the demo hospital
+    token = TokenStore.add(tokens, DEMO_HOSPITAL)
+    atomic_write_bytes(out / f"{DEMO_HOSPITAL}.token", (token + "\n").encode())   # owner-only (mkstemp)
     t0 = time.perf_counter()
-    proc, url = start_service(he, workers=workers)
+    proc, url = start_service(he, tokens=tokens, workers=workers)
     start_s = time.perf_counter() - t0
     try:
         t0 = time.perf_counter()
-        with ServiceClient(url, out / "keys") as client:
+        with ServiceClient(url, out / "keys", token=token) as client:
             keys_s = time.perf_counter() - t0
             result = client.classify_files([data / "test" / slice_name])[0]
     finally:

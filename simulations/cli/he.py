@@ -17,7 +17,7 @@ from federation.storage import atomic_write_bytes, atomic_write_json, load_check
 from he_inference.artifact import CompiledModel, MetaKey
 from he_inference.bench import run_bench
 from he_inference.check import he_check
-from he_inference.client import ServiceClient, encrypt_image, prediction
+from he_inference.client import TOKEN_ENV, ServiceClient, encrypt_image, load_token, prediction
 from he_inference.compiler import compile_checkpoint, load_calibration
 from he_inference.images import read_image
 from he_inference.keys import PublicKeys, SecretKeys
@@ -27,7 +27,9 @@ from he_inference.serial import ContainerKind, unpack
 from he_inference.server import InferenceServer
 from he_inference.service import ServiceLimits
 from he_inference.service import serve as run_service
+from he_inference.tokens import TokenStore
 from simulations.he_demo import run_demo
+from simulations.he_load import run_load
 
 he_app = typer.Typer(help="CKKS encrypted inference: the hospital keeps the secret key, the server sees ciphertext.",
                      no_args_is_help=True)
@@ -189,22 +191,33 @@ def bench(
         atomic_write_json(out, report.to_dict())
 
 
-
 @he_app.command()
 def serve(
     model: Annotated[Path, typer.Option(help="The compiled model (.he).")],
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    tokens: Annotated[Path, typer.Option(help="The hospitals' tokens file (`he token add`); every endpoint but "
+                                              "/health needs one of its tokens.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on; a non-loopback one needs TLS or --insecure.")
+                    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Processes for each encrypted forward pass.")] = 2,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate (enables HTTPS).")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of the certificate.")] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest encrypted image accepted.")] = 64.0,
-    max_clients: Annotated[int, typer.Option(help="Key sets kept loaded (least recently used leave).")] = 4,
+    insecure: Annotated[bool, typer.Option(help="Allow plaintext HTTP on a non-loopback host (behind your own "
+                                                "TLS terminator only).")] = False,
+    max_clients: Annotated[int, typer.Option(help="Key sets kept loaded in all (each costs memory: see "
+                                                  "docs/he-inference.md).")] = 4,
+    keys_per_hospital: Annotated[int, typer.Option(help="Key sets one hospital may hold (more replace its own).")
+                                 ] = 1,
+    key_idle_s: Annotated[float, typer.Option(help="When full, another hospital's key set unused this long may "
+                                                   "leave for a new one.")] = 900.0,
+    max_queue: Annotated[int, typer.Option(help="Inference requests admitted at once (running or waiting); more "
+                                                "get 503 + Retry-After.")] = 16,
 ) -> None:
-    """Server: the encrypted-inference web service (public keys and ciphertext only)."""
-    console.print(f"encoding the model and starting {workers} worker(s) …")
-    run_service(model, host=host, port=port, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
-        limits=ServiceLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_clients=max_clients))
+    """Server: the encrypted-inference web service (public keys and ciphertext only, bearer tokens)."""
+    limits = ServiceLimits(max_clients=max_clients, keys_per_hospital=keys_per_hospital, key_idle_s=key_idle_s,
+                           max_queue=max_queue)
+    run_service(model, tokens=tokens, host=host, port=port, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
+                insecure=insecure, limits=limits, progress=console.print)
 
 
 @he_app.command()
@@ -212,12 +225,69 @@ def classify(
     images: Annotated[list[Path], typer.Argument(help="DICOM slices (or .npy arrays C×H×W in [0, 1]).")],
     server: Annotated[str, typer.Option(help="Service URL, e.g. http://127.0.0.1:8000.")],
     keys: Annotated[Path, typer.Option(help="This hospital's key folder (created on first use).")],
+    token_file: Annotated[Path | None, typer.Option(help=f"File holding this hospital's token (default: the "
+                                                         f"{TOKEN_ENV} variable).")] = None,
     ca_cert: Annotated[Path | None, typer.Option(help="CA certificate to verify an HTTPS service.")] = None,
 ) -> None:
     """Client: encrypt each image, have the service classify it on ciphertext, decrypt; prints JSON."""
-    with ServiceClient(server, keys, ca_cert=ca_cert) as client:
+    with ServiceClient(server, keys, token=load_token(token_file), ca_cert=ca_cert) as client:
         results = client.classify_files(images)
     out_console.print_json(json.dumps([r.to_dict() for r in results]))
+
+
+@he_app.command()
+def load(
+    size: Annotated[int, typer.Option(help="Image side of the built-in Approx-CNN (random weights): 64 or 256.")
+                    ] = 64,
+    model: Annotated[Path | None, typer.Option(help="A model.pt instead of the built-in one.")] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 16,
+    hospitals: Annotated[int, typer.Option(help="Hospitals the clients belong to (each its token and keys).")
+                         ] = 4,
+    requests: Annotated[int, typer.Option(help="Classifications per client.")] = 5,
+    workers: Annotated[int, typer.Option(help="Server processes.")] = 2,
+    out: Annotated[Path, typer.Option(help="Folder for model.he, tokens, keys and load.json.")] = Path("runs/load"),
+) -> None:
+    """Load test: start the service, N concurrent clients of H hospitals; p50/p95 latency, peak server RSS."""
+    report = run_load(out, size=size, checkpoint=model, clients=clients, hospitals=hospitals, requests=requests,
+                      workers=workers, say=console.print)
+    out_console.print_json(json.dumps(report.to_dict()))
+
+
+token_app = typer.Typer(help="The hospitals' bearer tokens for `he serve` (only hashes are stored).",
+                        no_args_is_help=True)
+he_app.add_typer(token_app, name="token")
+TokensOption = Annotated[Path, typer.Option(help="The tokens file `he serve --tokens` reads.")]
+
+
+@token_app.command("add")
+def token_add(
+    hospital: Annotated[str, typer.Argument(help="The hospital's name (letters, digits, . _ -).")],
+    tokens: TokensOption,
+) -> None:
+    """Issue a token for HOSPITAL: printed once on stdout, only its hash is stored."""
+    token = TokenStore.add(tokens, hospital)
+    console.print(f"token for {hospital} added to {tokens} (mode 600, hash only); give it to the hospital now, "
+                  "it is not shown again:")
+    out_console.print(token, highlight=False, soft_wrap=True)
+
+
+@token_app.command("list")
+def token_list(tokens: TokensOption) -> None:
+    """The hospitals holding tokens, when each was issued and its fingerprint."""
+    table = Table("hospital", "created", "fingerprint", title=str(tokens))
+    for r in TokenStore.load(tokens).records:
+        table.add_row(r.hospital, r.created, r.fingerprint)
+    out_console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    hospital: Annotated[str, typer.Argument(help="The hospital whose tokens stop working.")],
+    tokens: TokensOption,
+) -> None:
+    """Revoke every token of HOSPITAL (a running service refuses them at the next request)."""
+    n = TokenStore.revoke(tokens, hospital)
+    out_console.print(f"revoked {n} token(s) of {hospital} in {tokens}")
 
 
 @he_app.command()
