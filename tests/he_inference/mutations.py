@@ -72,6 +72,18 @@ def _mutations(good: bytes, model: CompiledModel, keys: SecretKeys) -> dict[str,
         ev.mod_switch_to_next(ct, out)
         return out
 
+    def to_bottom(ct: seal.Ciphertext) -> seal.Ciphertext:
+        # An evaluated ciphertext is no longer seeded (twice the bytes): at the bottom level it still
+        # fits the service's size bound for a seeded upload, so these variants reach SEAL's checks there
+        out = seal.Ciphertext()
+        ev.mod_switch_to(ct, ctx.last_parms_id(), out)
+        return out
+
+    def grown(ct: seal.Ciphertext) -> seal.Ciphertext:   # size 3 at the bottom (a product would overflow it)
+        out = to_bottom(ct)
+        out.resize(ctx, 3)
+        return out
+
     def squared(ct: seal.Ciphertext) -> seal.Ciphertext:   # size 3: no relinearisation
         out = seal.Ciphertext()
         ev.multiply(ct, ct, out)
@@ -141,6 +153,7 @@ def _mutations(good: bytes, model: CompiledModel, keys: SecretKeys) -> dict[str,
         "repeated-part": repeated, "bad-header": header, "bad-first-line": first_line,
         "wrong-level": derived(mod_switched), "size-3": derived(squared), "scale-doubled": derived(rescaled(2.0)),
         "scale-nan": derived(rescaled(float("nan"))), "zero-ciphertext": derived(zero),
+        "wrong-level-bottom": derived(to_bottom), "size-3-bottom": derived(grown),
         "other-params": lambda rng: replace_one(rng, rng.choice(foreign)),
     }
 
