@@ -23,6 +23,7 @@ from he_inference.keys import PublicKeys, SecretKeys
 from he_inference.passes.interpret import run_plain
 from he_inference.server import InferenceServer
 from he_inference.service import create_app
+from he_inference.tokens import TokenStore
 from tests.he_inference.conftest import Compiled
 from tests.he_inference.models import SHAPE
 from tests.he_inference.tiny import tiny_compiled
@@ -87,7 +88,8 @@ def _health(app: FastAPI) -> tuple[int, dict[str, Any]]:
 
 def test_health_reports_the_pool_and_is_503_once_no_worker_can_run(tmp_path: Path) -> None:
     tiny = tiny_compiled(tmp_path)
-    app = create_app(tiny.path, workers=2)
+    TokenStore().save(tmp_path / "tokens.json")   # /health needs no token
+    app = create_app(tiny.path, tokens=tmp_path / "tokens.json", workers=2)
     try:
         ok = _health(app)
         tiny.path.unlink()   # the model file is gone: a replacement worker cannot start
