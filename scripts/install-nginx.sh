@@ -2,7 +2,7 @@
 # Install nginx from Debian (the reverse proxy in front of the SuperLink, docs/deployment.md).
 # Idempotent: does nothing when an nginx binary with the ssl module is already there.
 # Changes no system-wide nginx configuration and starts no service: privrad runs nginx as
-# a child process with its own prefix, config, pid and logs (federation.proxy).
+# a child process with its own prefix, config, pid and logs (simulations.proxy).
 set -euo pipefail
 if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
   NGINX=$(command -v nginx || echo /usr/sbin/nginx)
