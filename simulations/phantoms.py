@@ -87,6 +87,14 @@ class PhantomConfig:
         apart from every site's data (its own random stream and scanner profile), the
         stand-in for a public data set such as KiTS19. The server may pretrain on it
         (no privacy cost); 0 writes none.
+    site_sizes
+        Training slices per site, one entry per site (sites of unequal size, e.g.
+        ``(4000, 3000, 2400, 1800, 800)``); empty (the default) gives every site ``per_site``.
+    public_shift
+        How far the public archive's scanner lies from the hospitals' (0 = drawn like a
+        site's): at ``s`` its noise is ``1 + s`` times, its blur (a softer reconstruction kernel,
+        a coarser resolution) ``1.5 s`` pixels more and its intensity offset (another contrast
+        phase) ``40 s`` HU higher than its drawn profile.
     difficulty
         1.0 is the default task (at 64x64 a centralised Ref-CNN reaches a validation
         macro-AUC of 0.997 with the flatten head and the Approx-CNN 0.986, 30 epochs: near
@@ -102,6 +110,8 @@ class PhantomConfig:
     difficulty: float = 1.0
     public: int = 0
     val: int = 0
+    site_sizes: tuple[int, ...] = ()
+    public_shift: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sites < 1:
@@ -118,6 +128,21 @@ class PhantomConfig:
             raise ConfigError(f"`size` must be between 16 and 1024 pixels, got {self.size}")
         if not 0.0 < self.difficulty <= 4.0:
             raise ConfigError(f"`difficulty` must be in (0, 4], got {self.difficulty}")
+        if self.site_sizes and len(self.site_sizes) != self.sites:
+            raise ConfigError(f"`site_sizes` must give one size per site ({self.sites}), got {len(self.site_sizes)}")
+        if any(n < 1 for n in self.site_sizes):
+            raise ConfigError(f"`site_sizes` must all be at least 1, got {self.site_sizes}")
+        if not 0.0 <= self.public_shift <= 4.0:
+            raise ConfigError(f"`public_shift` must be in [0, 4], got {self.public_shift}")
+
+    def site_size(self, k: int) -> int:
+        """Training slices of site ``k`` (0-based)."""
+        return self.site_sizes[k] if self.site_sizes else self.per_site
+
+    @property
+    def training_slices(self) -> int:
+        """Training slices over all sites."""
+        return sum(self.site_size(k) for k in range(self.sites))
 
 
 @dataclass(frozen=True)
@@ -160,9 +185,12 @@ def public_profile(config: PhantomConfig) -> SiteProfile:
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0x9AB11C]))
     skew = rng.dirichlet(np.full(len(CLASSES), 1.5))
     mix = 0.4 / len(CLASSES) + 0.6 * skew
+    shift = config.public_shift
     return SiteProfile(name="public", class_mix=(float(mix[0]), float(mix[1]), float(mix[2])),
-                       noise_hu=float(rng.uniform(12.0, 28.0)), offset_hu=float(rng.uniform(-20.0, 20.0)),
-                       blur_px=float(rng.uniform(0.0, 1.0)), manufacturer="Public Archive Scanner")
+                       noise_hu=float(rng.uniform(12.0, 28.0)) * (1.0 + shift),
+                       offset_hu=float(rng.uniform(-20.0, 20.0)) + 40.0 * shift,
+                       blur_px=float(rng.uniform(0.0, 1.0)) + 1.5 * shift,
+                       manufacturer="Public Archive Scanner" + (f" (shifted {shift:g})" if shift else ""))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -427,7 +455,7 @@ def generate_phantoms(
     profiles = site_profiles(config)
     for k, profile in enumerate(profiles):
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1, k]))
-        labels = _draw_labels(config.per_site, profile.class_mix, rng)
+        labels = _draw_labels(config.site_size(k), profile.class_mix, rng)
         _write_set(out / profile.name, labels, _constant(profile), config, 100 + k, progress)
     if config.test > 0:
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 2]))

@@ -58,12 +58,21 @@ def phantoms(
     difficulty: Annotated[float, typer.Option(help="1 = default task; higher is harder.")] = 1.0,
     public: Annotated[int, typer.Option(help="Slices of a public archive (one more scanner) in public/, "
                                              "for server-side pretraining; 0 = none.")] = 1500,
+    site_sizes: Annotated[str, typer.Option(help="Training slices per site, comma-separated (one per site; "
+                                                 "overrides --per-site), e.g. 4000,3000,2400,1800,800.")] = "",
+    public_shift: Annotated[float, typer.Option(help="How far the public archive's scanner lies from the "
+                                                     "hospitals' (noise, blur, contrast offset); 0 = like a site.")
+                            ] = 0.0,
 ) -> None:
     """Write synthetic kidney-CT hospitals as real CT DICOM files with labels.csv."""
+    try:
+        sizes = tuple(int(n) for n in site_sizes.split(",")) if site_sizes.strip() else ()
+    except ValueError as exc:
+        raise ConfigError(f"`--site-sizes` must be comma-separated integers, got {site_sizes!r}") from exc
     cfg = PhantomConfig(sites=sites, per_site=per_site, test=test, size=size, seed=seed,
-                        difficulty=difficulty, public=public, val=val)
+                        difficulty=difficulty, public=public, val=val, site_sizes=sizes, public_shift=public_shift)
     with progress_bar("info") as bar:
-        task = bar.add_task("phantoms", total=sites * per_site + test + val + public, info="")
+        task = bar.add_task("phantoms", total=cfg.training_slices + test + val + public, info="")
         profiles = generate_phantoms(out, config=cfg, progress=lambda n: bar.advance(task, n))
     table = Table("site", "normal/cyst/tumour mix", "noise HU", "offset HU", "blur px")
     for p in profiles:
@@ -74,7 +83,7 @@ def phantoms(
         table.add_row("public", " / ".join(f"{m:.2f}" for m in p.class_mix), f"{p.noise_hu:.1f}",
                       f"{p.offset_hu:+.1f}", f"{p.blur_px:.2f}")
     out_console.print(table)
-    out_console.print(f"wrote {sites * per_site} training + {val} validation + {test} test + {public} public slices "
+    out_console.print(f"wrote {cfg.training_slices} training + {val} validation + {test} test + {public} public slices "
                       f"to {out}")
 
 

@@ -91,7 +91,8 @@ def test_sites_differ_in_mix_noise_offset_and_blur() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("sites", 0), ("per_site", 0), ("size", 8),
                                               ("difficulty", 0.0), ("test", -1),
-                                              ("public", -1)])
+                                              ("public", -1), ("site_sizes", (10, 10)),
+                                              ("site_sizes", (10, 0, 10, 10, 10)), ("public_shift", -0.5)])
 def test_bad_config_names_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"`{field}`"):
         PhantomConfig(**{field: value})
@@ -121,3 +122,35 @@ def test_the_public_archive_is_a_further_scanner_with_images_no_site_has(tmp_pat
     public = {hashlib.sha256(read_dicom_hu(f).tobytes()).hexdigest() for f in (tmp_path / "public").glob("*.dcm")}
     assert len(public) == 10
     assert not public & private
+
+
+def test_sites_of_unequal_size_write_their_own_counts_and_the_rest_is_unchanged(tmp_path: Path) -> None:
+    sizes = (7, 3, 1)
+    config = PhantomConfig(sites=3, site_sizes=sizes, test=4, size=16, seed=5)
+
+    generate_phantoms(tmp_path, config=config)
+
+    counts = tuple(len(list(csv.DictReader((tmp_path / f"site-{k + 1}" / "labels.csv").open()))) for k in range(3))
+    assert counts == sizes
+    assert config.training_slices == 11
+    assert len(list((tmp_path / "test").glob("*.dcm"))) == 4
+
+
+def test_a_shifted_public_archive_is_noisier_blurrier_and_offset_and_its_images_are_harder(tmp_path: Path) -> None:
+    base, shifted = (public_profile(PhantomConfig(public=8, public_shift=s)) for s in (0.0, 1.0))
+    generate_phantoms(tmp_path / "a", config=PhantomConfig(sites=1, per_site=1, test=0, size=32, public=8))
+    generate_phantoms(tmp_path / "b", config=PhantomConfig(sites=1, per_site=1, test=0, size=32, public=8,
+                                                           public_shift=1.0))
+
+    assert shifted.noise_hu == pytest.approx(2 * base.noise_hu)
+    assert shifted.blur_px == pytest.approx(base.blur_px + 1.5)
+    assert shifted.offset_hu == pytest.approx(base.offset_hu + 40.0)
+    assert shifted.class_mix == base.class_mix
+    assert "shifted" in shifted.manufacturer
+    # the same slices (labels, geometry) under another scanner: the HU differ
+    a = [read_dicom_hu(f) for f in sorted((tmp_path / "a" / "public").glob("*.dcm"))]
+    b = [read_dicom_hu(f) for f in sorted((tmp_path / "b" / "public").glob("*.dcm"))]
+    assert len(a) == len(b) == 8
+    assert np.mean([np.abs(x - y).mean() for x, y in zip(a, b, strict=True)]) > 10.0
+    # the sites are untouched by the archive's shift
+    assert _digest_tree(tmp_path / "a" / "site-1") == _digest_tree(tmp_path / "b" / "site-1")
