@@ -19,6 +19,10 @@ from privacy.inversion import (
 
 ATTACK = InversionConfig(method="gradients", iterations=300, restarts=1, lr=0.1, tv_weight=1e-3)
 FEATURES = InversionConfig(method="features", iterations=300, lr=0.1)  # 16 px wants a larger step than 64
+# The feature attack on a SecAgg+-masked update inverts fresh uniform noise each run: over 10 fresh
+# masks its SSIM ranged from -0.10 to 0.23 (0.15 failed one run in ten); on the plain update it is
+# 0.705. "Fails" is a reconstruction nearer to an unrelated image than half-way to the plain one's.
+FEATURES_FAILED_SSIM = 0.35
 
 
 @pytest.fixture(scope="module")
@@ -91,4 +95,5 @@ def test_feature_attack_rebuilds_the_image_and_fails_on_masked_or_noised_updates
     assert rec.ssim[0] > 0.6, rec.ssim
     for seen in (secagg_masked_gradient(plain, lr=0.01),
                  dp_gradient(model, image, label, noise_multiplier=1.0, max_grad_norm=1.0)):
-        assert score(image, invert(model, seen, label, shape=(1, 16, 16), config=FEATURES)).ssim[0] < 0.15
+        rebuilt = score(image, invert(model, seen, label, shape=(1, 16, 16), config=FEATURES))
+        assert rebuilt.ssim[0] < FEATURES_FAILED_SSIM, rebuilt.ssim
