@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from federation.errors import ConfigError
@@ -22,6 +23,7 @@ __all__ = [
     "EpochStats",
     "ProximalTerm",
     "TrainConfig",
+    "augment_batch",
     "default_lr",
     "evaluate",
     "make_optimizer",
@@ -55,6 +57,12 @@ class TrainConfig:
         SGD momentum.
     schedule
         ``cosine`` (decay to zero over the run) or ``constant`` (federated rounds).
+    shift
+        With ``augment``: also a random translation of up to ``shift`` pixels (reflect-padded).
+    aug_mult
+        DP-SGD only: augmentation multiplicity (De et al. 2022): each sampled image is
+        augmented ``aug_mult`` times and its per-sample gradient is the mean over the copies,
+        clipped once, so the privacy cost is unchanged.
     """
 
     epochs: int = 20
@@ -66,6 +74,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     momentum: float = 0.9
     schedule: str = "cosine"
+    shift: int = 0
+    aug_mult: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -76,6 +86,10 @@ class TrainConfig:
             raise ConfigError(f"`lr` must be positive, got {self.lr}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"`optimizer` must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.shift < 0:
+            raise ConfigError(f"`shift` must not be negative, got {self.shift}")
+        if self.aug_mult < 1:
+            raise ConfigError(f"`aug_mult` must be at least 1, got {self.aug_mult}")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"`schedule` must be 'cosine' or 'constant', got {self.schedule!r}")
 
@@ -143,6 +157,25 @@ def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def random_shift(x: torch.Tensor, gen: torch.Generator, shift: int) -> torch.Tensor:
+    """Each image translated by up to ``shift`` pixels in each direction (reflect padding; draws from ``gen``)."""
+    if shift <= 0 or not len(x):
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * shift)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """The configured augmentation: a random flip, then (``shift`` > 0) a random translation."""
+    return random_shift(random_flip(x, gen), gen, config.shift)
+
+
 def train_epochs(
     model: nn.Module,
     data: ImageSet,
@@ -168,7 +201,7 @@ def train_epochs(
         start, total, count = time.perf_counter(), 0.0, 0
         for x, y in loader:
             if config.augment:
-                x = random_flip(x, gen)
+                x = augment_batch(x, gen, config)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             if not math.isfinite(loss.item()):
