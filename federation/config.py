@@ -97,6 +97,8 @@ class RunConfig:
     learning_rate: float = 3e-3
     optimizer: str = "adamw"
     augment: bool = True
+    shift: int = 0
+    aug_mult: int = 1
     image_size: int = 64
     head: str = "flatten"
     data_dir: str = ""
@@ -144,7 +146,9 @@ class RunConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must be positive, got {getattr(self, name)}")
-        for name in ("noise_multiplier", "target_epsilon", "delta", "proximal_mu", "pretrain_epochs",
+        if self.aug_mult < 1:
+            raise ConfigError(f"`aug-mult` must be at least 1, got {self.aug_mult}")
+        for name in ("shift", "noise_multiplier", "target_epsilon", "delta", "proximal_mu", "pretrain_epochs",
                      "central_noise_multiplier"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must not be negative, got {getattr(self, name)}")

@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 
 from federation.storage import atomic_write_bytes
 
-__all__ = ["plot_audit_roc", "plot_budget", "plot_inversion", "plot_leakage", "plot_rounds", "save_figure"]
+__all__ = ["plot_audit_roc", "plot_budget", "plot_fl_benchmark", "plot_inversion", "plot_leakage", "plot_rounds",
+           "save_figure"]
 
 ATTACK_STYLE = {"loss": ("tab:orange", "o", "loss attack"), "calibrated": ("tab:red", "s", "calibrated attack")}
 
@@ -214,5 +215,40 @@ def plot_leakage(examples: Sequence[dict[str, np.ndarray]], result: dict[str, An
                 extra = f"\nSSIM {tier['ssim']['mean']:.3f}, pHash {tier['phash']['mean']:.0f}" if tier else ""
                 ax.set_title(f"{name}{extra}", fontsize=8)
     fig.suptitle(f"what an attacker holds, rendered as images (means over {result['slices']} slices)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
+    """Test macro-AUC (mean ± sd over seeds) of DP-SGD + SecAgg+ versus ε, with every other row as a reference line."""
+    rows = {r["row"]: r for r in summary["rows"]}
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    dp = sorted((float(k.removeprefix("dp-eps-")), r) for k, r in rows.items() if k.startswith("dp-eps-"))
+    if dp:
+        xs = [e for e, _ in dp]
+        means = [r["auc_macro"]["mean"] for _, r in dp]
+        sds = [r["auc_macro"]["sd"] for _, r in dp]
+        ax.errorbar(xs, means, yerr=sds, fmt="o-", color="tab:blue", capsize=3, label="DP-SGD + SecAgg+ (public start)")
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{e:g}" for e in xs])
+        ax.minorticks_off()
+    for key, r in rows.items():
+        if key.startswith("scratch-eps-") and dp:
+            e = float(key.removeprefix("scratch-eps-"))
+            ax.errorbar([e], [r["auc_macro"]["mean"]], yerr=[r["auc_macro"]["sd"]], fmt="s", color="tab:purple",
+                        capsize=3, label=f"DP-SGD + SecAgg+ from scratch (ε = {e:g})")
+    styles = {"central": ("tab:green", "-"), "fedavg": ("tab:orange", "--"), "local": ("tab:red", ":"),
+              "public": ("tab:gray", "-.")}
+    for key, (color, line) in styles.items():
+        if key in rows:
+            m = rows[key]["auc_macro"]
+            ax.axhline(m["mean"], color=color, linestyle=line, label=f"{rows[key]['label']}: {m['mean']:.3f}")
+            ax.axhspan(m["mean"] - m["sd"], m["mean"] + m["sd"], color=color, alpha=0.1)
+    ax.set_xlabel("target ε per site (δ = 1e-5)")
+    ax.set_ylabel("test macro-AUC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    seeds = max((len(r["seeds"]) for r in rows.values()), default=0)
+    ax.set_title(f"Federated training on {summary['data']} ({seeds} seeds)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)

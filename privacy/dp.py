@@ -131,8 +131,10 @@ class PerSampleGradients:
         self._fn = vmap(grad_and_value(loss), in_dims=(None, None, 0, 0))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Gradients ``(B, *p.shape)`` in trainable-parameter order and the per-record losses, for ``x`` of shape
-        ``(B, k, C, H, W)`` (``k`` copies of each record) and labels ``y`` of shape ``(B,)``."""
+        """Per-record gradients ``(B, *p.shape)`` in trainable-parameter order, and the per-record losses.
+
+        ``x`` has shape ``(B, k, C, H, W)`` (``k`` copies of each record), ``y`` shape ``(B,)``.
+        """
         params = dict(self.model.named_parameters())
         trainable = {n: params[n].detach() for n in self.names}
         fixed = {n: p.detach() for n, p in params.items() if n not in trainable}

@@ -64,7 +64,7 @@ def run_trial(trial: Trial, sites: list[ImageSet], val: ImageSet, init: PrivradC
     torch.manual_seed(trial.seed)
     model = copy.deepcopy(init)
     for name, p in model.named_parameters():
-        if trial.freeze and any(name.startswith(f) for f in trial.freeze.split(",")):
+        if trial.freeze and any(name.startswith(f) for f in trial.freeze.split("+")):
             p.requires_grad_(False)
     plans = []
     for data in sites:
@@ -101,7 +101,7 @@ def run_trial(trial: Trial, sites: list[ImageSet], val: ImageSet, init: PrivradC
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the trials named on the command line (``name:key=value,key=value``)."""
+    """Run the trials named on the command line (``name:key=value,key=value``; ``freeze=a+b`` freezes two prefixes)."""
     from aggregator.initial import initial_model
 
     args = sys.argv[1:] if argv is None else argv
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         kw: dict[str, Any] = {}
         for item in filter(None, rest.split(",")):
             key, _, value = item.partition("=")
-            default = fields[key].default
+            default: Any = fields[key].default
             kw[key] = (value.lower() in ("1", "true")) if isinstance(default, bool) else type(default)(value)
         trial = Trial(name=name, **kw)
         if trial.pretrain not in inits:

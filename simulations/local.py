@@ -43,7 +43,8 @@ def run_local(cfg: RunConfig, *, on_site: Callable[[str, dict[str, Any]], None] 
     pre = Preprocess(size=cfg.image_size)
     test = load_dataset(Path(cfg.test_dir or data / "test"), preprocess=pre)
     train = TrainConfig(epochs=cfg.num_server_rounds * cfg.local_epochs, batch_size=cfg.batch_size,
-                        lr=cfg.learning_rate, optimizer=cfg.optimizer, seed=cfg.seed)
+                        lr=cfg.learning_rate, optimizer=cfg.optimizer, seed=cfg.seed, augment=cfg.augment,
+                        shift=cfg.shift, aug_mult=cfg.aug_mult)
     results: dict[str, Any] = {}
     start = time.perf_counter()
     init = initial_model(cfg)

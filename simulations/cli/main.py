@@ -27,6 +27,7 @@ from privacy.policy import SitePolicy
 from simulations.audits import run_inversion_audit
 from simulations.budget import SweepConfig, SweepPoint, SweepSummary, load_sweep, parse_epsilons, plan, run_sweep
 from simulations.centralised import train_centralised
+from simulations.cli.benchmark import benchmark_app
 from simulations.cli.he import he_app
 from simulations.cli.storage import keyed_app, leakage, vault_app
 from simulations.deployment import flower_env, register_supernode
@@ -595,6 +596,7 @@ def deploy_connection(
 app.add_typer(he_app, name="he")
 app.add_typer(vault_app, name="vault")
 app.add_typer(keyed_app, name="keyed")
+app.add_typer(benchmark_app, name="benchmark")
 app.command("leakage")(leakage)
 
 

@@ -1,0 +1,349 @@
+"""``privrad benchmark federated``: what federation, DP-SGD and SecAgg+ each give and cost, on one federation.
+
+Rows (each over ``seeds`` seeds, mean ± sd of the test macro-AUC, wall time, peak memory
+of the whole process tree):
+
+==================  ==========================================================================
+``public``          the public-pretrained start every other row (but two) begins from
+``local``           each site alone with DP-SGD at the largest ε, mean over the sites
+``fedavg``          federated, no DP, no SecAgg+ (plain FedAvg): the wall-time baseline
+``dp-eps-E``        federated DP-SGD + SecAgg+ at target ε = E per site
+``scratch-eps-E``   the same at the largest ε, from random weights (no public start)
+``central``         every site's records pooled, non-private, from random weights
+==================  ==========================================================================
+
+Every federated row runs on Flower's Simulation Engine with the project's default run
+configuration (:class:`~federation.config.RunConfig`, chosen on the validation split) and
+its virtual hospitals' policy (budget = the row's ε, SecAgg+ and DP required where the row
+uses them, a ledger folder of the cell's own). Each cell runs in a fresh process (Ray and
+Opacus keep process-wide state) and writes ``cells/ROW/seed-S/result.json`` last, so an
+interrupted benchmark resumes where it stopped. Outputs: ``benchmark.json``,
+``benchmark.md`` (the table) and ``benchmark.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aggregator.initial import initial_model
+from federation.config import RunConfig
+from federation.errors import ConfigError, DataError, PrivradError
+from federation.ingest import Preprocess, load_dataset, site_folders
+from federation.plots import plot_fl_benchmark
+from federation.storage import atomic_write_bytes, atomic_write_json, save_checkpoint
+from federation.train import TrainConfig, evaluate
+from privacy.policy import SitePolicy
+from simulations.centralised import train_centralised
+from simulations.federated import TreeMemorySampler, run_federated
+from simulations.local import run_local
+
+__all__ = ["BenchConfig", "Cell", "cells", "run_benchmark", "run_cell", "summarise"]
+
+log = logging.getLogger(__name__)
+
+BENCH_FORMAT = "privrad-fl-benchmark/1"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark; recorded in ``bench.json`` (a resumed benchmark must match it).
+
+    ``run`` overrides the default run configuration of the federated and local rows (flat
+    run-config keys, e.g. ``{"num-server-rounds": 5}``); ``central_epochs`` is the
+    centralised row's number of epochs.
+    """
+
+    data: str
+    out: str
+    epsilons: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    seeds: int = 3
+    central_epochs: int = 20
+    scratch: bool = True
+    run: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.epsilons or any(not (e > 0 and math.isfinite(e)) for e in self.epsilons):
+            raise ConfigError(f"--epsilons must be positive and finite, got {self.epsilons}")
+        if len(set(self.epsilons)) != len(self.epsilons):
+            raise ConfigError(f"--epsilons has a repeated value: {self.epsilons}")
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.central_epochs < 1:
+            raise ConfigError(f"--central-epochs must be at least 1, got {self.central_epochs}")
+        RunConfig.from_flower(dict(self.run))  # unknown keys or bad values fail here, before any work
+
+    @property
+    def folder(self) -> Path:
+        """The benchmark's output folder."""
+        return Path(self.out)
+
+    def base(self, seed: int, out: Path) -> RunConfig:
+        """The run configuration of a federated or local cell of ``seed``, writing to ``out``."""
+        return RunConfig.from_flower({**dict(self.run), "data-dir": self.data, "out-dir": str(out), "seed": seed})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"format": BENCH_FORMAT, "data": self.data, "epsilons": list(self.epsilons), "seeds": self.seeds,
+                "central_epochs": self.central_epochs, "scratch": self.scratch, "run": dict(self.run)}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table for one seed."""
+
+    row: str
+    seed: int
+
+    def folder(self, cfg: BenchConfig) -> Path:
+        """``OUT/cells/ROW/seed-S``."""
+        return cfg.folder / "cells" / self.row / f"seed-{self.seed}"
+
+
+def _eps(e: float) -> str:
+    return f"{e:g}"
+
+
+def rows(cfg: BenchConfig) -> list[tuple[str, str]]:
+    """``(row key, label)`` in table order."""
+    top = _eps(max(cfg.epsilons))
+    out = [("public", "public start (no site data)"),
+           ("local", f"local only, DP-SGD ε = {top} (mean over sites)"),
+           ("fedavg", "FedAvg, no DP, no SecAgg+")]
+    out += [(f"dp-eps-{_eps(e)}", f"DP-SGD + SecAgg+, ε = {_eps(e)}") for e in sorted(cfg.epsilons)]
+    if cfg.scratch:
+        out.append((f"scratch-eps-{top}", f"DP-SGD + SecAgg+, ε = {top}, from scratch"))
+    out.append(("central", "centralised, non-private (from scratch)"))
+    return out
+
+
+def cells(cfg: BenchConfig) -> list[Cell]:
+    """Every cell, seed-major (a partial benchmark already covers every row), the public start first."""
+    return [Cell(row, seed) for seed in range(cfg.seeds) for row, _ in rows(cfg)]
+
+
+def _init_path(cfg: BenchConfig, seed: int) -> Path:
+    return cfg.folder / "cells" / "public" / f"seed-{seed}" / "model.pt"
+
+
+def _policy(folder: Path, *, epsilon: float, dp: bool, secagg: bool) -> SitePolicy:
+    return SitePolicy(dp_required=dp, secagg_required=secagg, epsilon_budget=epsilon, delta=1e-5,
+                      ledger_dir=str(folder / "ledgers"))
+
+
+def _federated(cfg: BenchConfig, cell: Cell, folder: Path, *, epsilon: float | None, scratch: bool = False
+               ) -> dict[str, Any]:
+    base = cfg.base(cell.seed, folder / "run")
+    dp = epsilon is not None
+    run = dataclasses.replace(
+        base, dp=dp, secagg=dp, initial_model="" if scratch else str(_init_path(cfg, cell.seed)),
+        pretrain_epochs=0, target_epsilon=epsilon or 0.0, epsilon_budget=epsilon or base.epsilon_budget,
+        delta=1e-5 if dp else 0.0)
+    policy = _policy(folder, epsilon=epsilon or base.epsilon_budget, dp=dp, secagg=dp)
+    result = run_federated(run, policies=policy)
+    final = result.metrics["final"]
+    eps = final.get("epsilon") or {}
+    return {"auc_macro": final["auc_macro"], "val_auc_macro": final.get("val_auc_macro"),
+            "epsilon_max": max(eps.values()) if eps else None, "rounds": len(result.metrics["rounds"]),
+            "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb}
+
+
+def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
+    """Run one cell in this process and return its record (``result.json``'s content)."""
+    folder = cell.folder(cfg)
+    start = time.perf_counter()
+    top = max(cfg.epsilons)
+    with TreeMemorySampler() as sampler:
+        if cell.row == "public":
+            init = initial_model(dataclasses.replace(cfg.base(cell.seed, folder), initial_model=""))
+            pre = Preprocess(size=init.model.config.input_size)
+            test = load_dataset(Path(cfg.data) / "test", preprocess=pre)
+            val = load_dataset(Path(cfg.data) / "val", classes=test.classes, preprocess=pre)
+            metrics = evaluate(init.model, test)
+            save_checkpoint(_init_path(cfg, cell.seed), init.model,
+                            meta={"classes": list(test.classes), "initial": str(init.kind),
+                                  "metrics": metrics.to_dict(),
+                                  **{k: v for k, v in init.info.items() if isinstance(v, str | int | float)}})
+            record: dict[str, Any] = {"auc_macro": metrics.auc_macro,
+                                      "val_auc_macro": evaluate(init.model, val).auc_macro,
+                                      "source": str(init.kind)}
+        elif cell.row == "local":
+            run = dataclasses.replace(cfg.base(cell.seed, folder / "run"),
+                                      initial_model=str(_init_path(cfg, cell.seed)), pretrain_epochs=0, dp=True,
+                                      target_epsilon=top, epsilon_budget=top, delta=1e-5)
+            summary = run_local(run)
+            record = {"auc_macro": summary["mean_auc_macro"],
+                      "sites": {k: v["auc_macro"] for k, v in summary["sites"].items()},
+                      "epsilon_max": max(v["epsilon"] for v in summary["sites"].values())}
+        elif cell.row == "fedavg":
+            record = _federated(cfg, cell, folder, epsilon=None)
+        elif cell.row.startswith("dp-eps-"):
+            record = _federated(cfg, cell, folder, epsilon=float(cell.row.removeprefix("dp-eps-")))
+        elif cell.row.startswith("scratch-eps-"):
+            record = _federated(cfg, cell, folder, epsilon=float(cell.row.removeprefix("scratch-eps-")), scratch=True)
+        elif cell.row == "central":
+            base = cfg.base(cell.seed, folder)
+            result = train_centralised(Path(cfg.data), test=Path(cfg.data) / "test", val=Path(cfg.data) / "val",
+                                       out=folder / "run", arch=base.arch(),
+                                       train=TrainConfig(epochs=cfg.central_epochs, batch_size=base.batch_size,
+                                                         lr=3e-3, augment=base.augment, seed=cell.seed))
+            record = {"auc_macro": result.metrics.auc_macro, "val_auc_macro": result.val_auc_macro}
+        else:
+            raise ConfigError(f"unknown benchmark row {cell.row!r}")
+    record.setdefault("seconds", time.perf_counter() - start)
+    record["peak_rss_mb"] = max(float(record.get("peak_rss_mb", 0.0)), sampler.peak_mb)
+    return {"row": cell.row, "seed": cell.seed, **record}
+
+
+def _check_data(data: Path) -> None:
+    if not site_folders(data):
+        raise DataError(data, "has no site-K folders (make a federation with `privrad phantoms`)")
+    for part in ("test", "val"):
+        if not (data / part / "labels.csv").is_file():
+            raise DataError(data / part, "is missing: the benchmark reports on test/ and needs val/ for the record")
+    if not (data / "public" / "labels.csv").is_file():
+        raise DataError(data / "public", "is missing: the public start is pretrained on it")
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarise(cfg: BenchConfig) -> dict[str, Any]:
+    """Aggregate the finished cells; write ``benchmark.json``, ``benchmark.md`` and ``benchmark.png``."""
+    table = []
+    for key, label in rows(cfg):
+        results = [json.loads(p.read_text()) for p in sorted((cfg.folder / "cells" / key).glob("seed-*/result.json"))]
+        if not results:
+            continue
+        entry: dict[str, Any] = {"row": key, "label": label, "seeds": [r["seed"] for r in results]}
+        for field in ("auc_macro", "val_auc_macro", "seconds", "peak_rss_mb"):
+            values = [float(r[field]) for r in results if r.get(field) is not None]
+            if values:
+                entry[field] = _stats(values)
+        eps = [r["epsilon_max"] for r in results if r.get("epsilon_max") is not None]
+        if eps:
+            entry["epsilon_max"] = max(eps)
+        table.append(entry)
+    by = {e["row"]: e for e in table}
+    ratios: dict[str, float] = {}
+    if "fedavg" in by:
+        for e in table:
+            if e["row"].startswith("dp-eps-") and "seconds" in e:
+                ratios[e["row"]] = e["seconds"]["mean"] / by["fedavg"]["seconds"]["mean"]
+    summary = {**cfg.to_dict(), "rows": table, "wall_time_vs_fedavg": ratios}
+    atomic_write_json(cfg.folder / "benchmark.json", summary)
+    atomic_write_bytes(cfg.folder / "benchmark.md", markdown(summary).encode())
+    if table:
+        plot_fl_benchmark(summary, cfg.folder / "benchmark.png")
+    return summary
+
+
+def _pm(stats: dict[str, float] | None, fmt: str) -> str:
+    if stats is None:
+        return "–"
+    return f"{stats['mean']:{fmt}} ± {stats['sd']:{fmt}}" if stats["n"] > 1 else f"{stats['mean']:{fmt}}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The table of ``summary`` as Markdown."""
+    lines = ["| row | test macro-AUC | val macro-AUC | ε (max over sites) | wall time (s) | peak memory (GB) | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for e in summary["rows"]:
+        mem = e.get("peak_rss_mb")
+        mem_gb = None if mem is None else {k: (v / 1024 if k != "n" else v) for k, v in mem.items()}
+        eps = e.get("epsilon_max")
+        lines.append(f"| {e['label']} | {_pm(e.get('auc_macro'), '.3f')} | {_pm(e.get('val_auc_macro'), '.3f')} | "
+                     f"{'–' if eps is None else f'{eps:.2f}'} | {_pm(e.get('seconds'), '.0f')} | "
+                     f"{_pm(mem_gb, '.1f')} | {len(e['seeds'])} |")
+    ratios = summary.get("wall_time_vs_fedavg") or {}
+    if ratios:
+        lines += ["", "Wall time of DP-SGD + SecAgg+ against plain FedAvg (same federation, same run): " + ", ".join(
+            f"ε = {k.removeprefix('dp-eps-')}: {v:.2f}×" for k, v in ratios.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(cfg: BenchConfig, *, on_cell: Callable[[Cell, dict[str, Any] | None], None] | None = None
+                  ) -> dict[str, Any]:
+    """Run every unfinished cell (each in a fresh process), then :func:`summarise`.
+
+    ``on_cell`` is called before a cell starts (record ``None``) and after it ends.
+
+    Raises
+    ------
+    DataError
+        The federation lacks a part, or ``OUT`` holds a benchmark with other settings.
+    PrivradError
+        A cell failed (its log is named).
+    """
+    data = Path(cfg.data)
+    _check_data(data)
+    cfg.folder.mkdir(parents=True, exist_ok=True)
+    settings = cfg.folder / "bench.json"
+    if settings.is_file():
+        old = json.loads(settings.read_text())
+        if old != cfg.to_dict():
+            raise DataError(settings, f"holds a benchmark with other settings ({old}); use another --out")
+    else:
+        atomic_write_json(settings, cfg.to_dict())
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    for cell in cells(cfg):
+        folder = cell.folder(cfg)
+        if (folder / "result.json").is_file():
+            continue
+        if folder.exists():  # interrupted: its ledgers hold spent rounds, start the cell over
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        if on_cell is not None:
+            on_cell(cell, None)
+        with (folder / "cell.log").open("w") as logf:
+            proc = subprocess.run([sys.executable, "-m", "simulations.fl_benchmark", str(settings), cell.row,
+                                   str(cell.seed)], stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
+        if proc.returncode != 0 or not (folder / "result.json").is_file():
+            raise PrivradError(f"benchmark cell {cell.row} seed {cell.seed} failed (exit {proc.returncode}); "
+                               f"see {folder / 'cell.log'}")
+        if on_cell is not None:
+            on_cell(cell, json.loads((folder / "result.json").read_text()))
+        summarise(cfg)
+    return summarise(cfg)
+
+
+def load_config(settings: Path) -> BenchConfig:
+    """The :class:`BenchConfig` recorded in ``bench.json`` (its folder is the output folder)."""
+    d = json.loads(settings.read_text())
+    if d.pop("format", None) != BENCH_FORMAT:
+        raise DataError(settings, f"is not a {BENCH_FORMAT} file")
+    return BenchConfig(data=d["data"], out=str(settings.parent), epsilons=tuple(float(e) for e in d["epsilons"]),
+                       seeds=int(d["seeds"]), central_epochs=int(d["central_epochs"]), scratch=bool(d["scratch"]),
+                       run=tuple(sorted(d["run"].items())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simulations.fl_benchmark BENCH.json ROW SEED``: one cell, in a process of its own."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3:
+        print("usage: python -m simulations.fl_benchmark BENCH.json ROW SEED", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(Path(args[0]))
+    cell = Cell(args[1], int(args[2]))
+    record = run_cell(cfg, cell)
+    atomic_write_json(cell.folder(cfg) / "result.json", record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
