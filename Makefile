@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he bench-service budget select test test-fast lint install nginx clean
+.PHONY: demo demo-he bench-service bench-fl budget select test test-fast lint install nginx clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -57,6 +57,15 @@ demo-he: $(STAMP)
 # 2 hospitals × 5 classifications; prints p50/p95 latency and the service's peak RSS. Several minutes.
 bench-service: $(STAMP)
 	$(VENV)/bin/privrad he load --size 64 --clients 16 --hospitals 2 --requests 5 --out runs/bench-service
+
+# The federated benchmark at the Asan data set's scale (12,000 training slices over 5 hospitals of 800-4,000,
+# a 1,000-slice shifted public archive, 1,000 val, 2,000 test): public start, local only, FedAvg, DP-SGD +
+# SecAgg+ at ε 1/2/4/8, from scratch, centralised; 3 seeds. Hours on 2 cores; rerun to resume.
+FL_DATA ?= runs/asan
+FL_BENCH ?= runs/bench-fl
+bench-fl: $(STAMP)
+	test -f $(FL_DATA)/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA) --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public 1000 --public-shift 0.5 --size 64 --seed 0
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)
 
 # Privacy-budget sweep (ε ∈ {1,2,4,8,∞} × 3 seeds, membership + inversion audits) and its report.
 # About an hour on 2 cores; rerun to resume an interrupted sweep.
