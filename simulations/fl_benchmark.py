@@ -156,7 +156,7 @@ def _federated(cfg: BenchConfig, cell: Cell, folder: Path, *, epsilon: float | N
     final = result.metrics["final"]
     eps = final.get("epsilon") or {}
     return {"auc_macro": final["auc_macro"], "val_auc_macro": final.get("val_auc_macro"),
-            "epsilon_max": max(eps.values()) if eps else None, "rounds": len(result.metrics["rounds"]),
+            "epsilon_max": max(eps.values()) if dp and eps else None, "rounds": len(result.metrics["rounds"]),
             "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb}
 
 
