@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he bench-service budget select test test-fast lint install nginx clean
+.PHONY: demo demo-he bench-service bench-scale budget select test test-fast lint install nginx clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -57,6 +57,12 @@ demo-he: $(STAMP)
 # 2 hospitals × 5 classifications; prints p50/p95 latency and the service's peak RSS. Several minutes.
 bench-service: $(STAMP)
 	$(VENV)/bin/privrad he load --size 64 --clients 16 --hospitals 2 --requests 5 --out runs/bench-service
+
+# Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
+# FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.
+SCALE ?= runs/bench-scale
+bench-scale: $(STAMP)
+	$(VENV)/bin/privrad benchmark scaling --out $(SCALE)
 
 # Privacy-budget sweep (ε ∈ {1,2,4,8,∞} × 3 seeds, membership + inversion audits) and its report.
 # About an hour on 2 cores; rerun to resume an interrupted sweep.

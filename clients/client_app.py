@@ -233,7 +233,8 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None,
     Plain training messages and the SecAgg+ setup stage are reviewed in full (policy rules,
     then the ledger); a refusal at setup keeps the site out of that round's SecAgg+ group.
     SecAgg+ parameters that would let the coordinator unmask one site (a threshold of at
-    most half the shares; a site listed as alive and as dropped at unmask) are refused too.
+    most half the shares; fewer shares than the policy's ``secagg-min-shares`` or all
+    sites; a site listed as alive and as dropped at unmask) are refused too.
     A refusal raised later (another run took the last of the budget) is answered the same way.
     """
 
@@ -251,15 +252,16 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None,
         cfg = resolve(RunConfig.from_flower(ctxt.run_config, overrides), ctxt.run_id)
         stage = configs.get(Key.STAGE) if configs is not None else None
         try:
-            if configs is not None and stage == Stage.SETUP:
-                check_secagg_setup(sample_num=_int_list(configs, Key.SAMPLE_NUMBER, scalar=True)[0],
-                                   share_num=_int_list(configs, Key.SHARE_NUMBER, scalar=True)[0],
-                                   threshold=_int_list(configs, Key.THRESHOLD, scalar=True)[0])
-            elif configs is not None and stage == Stage.UNMASK:
+            if configs is not None and stage == Stage.UNMASK:
                 check_secagg_unmask(active=_int_list(configs, Key.ACTIVE_NODE_ID_LIST),
                                     dead=_int_list(configs, Key.DEAD_NODE_ID_LIST))
             if configs is None or stage == Stage.SETUP:
                 site = Site.open(ctxt, cfg, policies)
+                if configs is not None:
+                    check_secagg_setup(sample_num=_int_list(configs, Key.SAMPLE_NUMBER, scalar=True)[0],
+                                       share_num=_int_list(configs, Key.SHARE_NUMBER, scalar=True)[0],
+                                       threshold=_int_list(configs, Key.THRESHOLD, scalar=True)[0],
+                                       min_shares=site.policy.secagg_min_shares)
                 request = round_request(cfg, secagg=secagg)
                 if site.ledger is None:
                     review(site.policy, request)
