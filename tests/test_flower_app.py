@@ -132,3 +132,14 @@ def test_a_site_refuses_to_unmask_a_node_listed_as_alive_and_dropped(tiny_federa
     assert refusal_rule(reply) == "secagg-protocol"
     assert "[12] as alive and as dropped" in (reply.error.reason or "")
     assert refusal_rule(malformed) == "secagg-protocol"
+
+
+def test_a_site_refuses_a_secagg_neighbourhood_too_small_for_its_policy(tiny_federation: Path) -> None:
+    # 200 sites, 5 shares: the coordinator and the site's 4 neighbours could unmask it (the policy wants 11)
+    reply = _gate_answer(tiny_federation, _secagg_message("setup", sample_num=200, share_num=5, threshold=3,
+                                                          clipping_range=8.0, target_range=1 << 22,
+                                                          mod_range=1 << 32, max_weight=1000.0))
+
+    assert refusal_rule(reply) == "secagg-protocol"
+    assert "5 shares among 200 sites: this site requires at least 11 (secagg-min-shares)" in (reply.error.reason
+                                                                                              or "")
