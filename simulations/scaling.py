@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -238,8 +239,7 @@ def _run_point(cfg: ScalingConfig, n: int, mode: Mode) -> ScalingPoint:
     """Run one point in a fresh process; its log is ``points/MODE-N/run.log``."""
     folder = _point_dir(cfg, n, mode)
     if folder.exists():  # an unfinished or outdated run: start it again, with fresh ledgers
-        for path in sorted(folder.rglob("*"), reverse=True):
-            path.unlink() if not path.is_dir() else path.rmdir()
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     request = {"run_config": cfg.run_config(n, mode, folder / "run").to_flower(), "sites": n,
                "policy": {"ledger-dir": str(folder / "ledgers"), "secagg-required": mode is Mode.SECAGG},

@@ -25,7 +25,8 @@ def test_the_share_count_is_odd_beyond_all_to_all_and_grows_as_the_logarithm() -
     for n in range(14, 2001):
         k = auto_share_count(n)
 
-        assert k % 2 == 1 and 13 <= k < n
+        assert k % 2 == 1
+        assert 13 <= k < n
         assert k <= 3 * math.log2(n) + 3
 
 

@@ -83,7 +83,8 @@ def test_the_cli_prints_the_table_of_a_finished_benchmark(tmp_path: Path) -> Non
                                       "--data", str(cfg.data)])
 
     assert result.exit_code == 0, result.output
-    assert "sites^1.00" in result.output and "20%" in result.output
+    assert "sites^1.00" in result.output
+    assert "20%" in result.output
 
 
 @pytest.mark.slow
@@ -101,6 +102,8 @@ def test_a_real_benchmark_run_records_rounds_stages_and_memory(tmp_path: Path) -
     assert sum(point.round_seconds) < point.wall_seconds
     for stages, fit in zip(point.stage_seconds, point.fit_seconds, strict=True):
         assert set(stages) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
-        assert all(s > 0 for s in stages.values()) and sum(stages.values()) <= fit
+        assert all(s > 0 for s in stages.values())
+        assert sum(stages.values()) <= fit
     assert point.peak_rss_mb > 500  # Ray's daemons and a worker with torch
-    assert summary.markdown_path.is_file() and summary.plot_path.read_bytes()[:4] == PNG_MAGIC
+    assert summary.markdown_path.is_file()
+    assert summary.plot_path.read_bytes()[:4] == PNG_MAGIC
