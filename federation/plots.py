@@ -242,6 +242,8 @@ def plot_scaling(series: Mapping[str, Sequence[tuple[int, float, float]]], path:
             xs = sorted({p[0] for points in series.values() for p in points})
             ax.plot(xs, [reference[1] * x / reference[0] for x in xs], ":", color="black",
                     label=f"linear from {reference[0]} sites")
+            top = max(p[column] for points in series.values() for p in points)
+            ax.set_ylim(0, 1.15 * max(top, min(reference[1] * xs[-1] / reference[0], 2 * top)))
         ax.set_xlabel("sites")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

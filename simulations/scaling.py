@@ -308,8 +308,10 @@ def _write(cfg: ScalingConfig, points: list[ScalingPoint]) -> ScalingSummary:
     atomic_write_bytes(summary.markdown_path, _markdown(cfg, summary.points, exponent).encode())
     series = {str(mode): [(p.sites, p.steady_round_seconds, p.peak_rss_mb) for p in summary.points
                           if p.mode is mode] for mode in Mode}
+    shares = "logarithmic" if cfg.secagg_num_shares == 0 else (
+        "all-to-all" if cfg.secagg_num_shares == 1 else f"{cfg.secagg_num_shares:g}")
     plot_scaling(series, summary.plot_path, title=f"DP-SGD federated rounds vs sites ({cfg.rounds} rounds, "
-                                                  f"{cfg.per_site} slices/site)")
+                                                  f"{cfg.per_site} slices/site, SecAgg+ shares: {shares})")
     return summary
 
 
