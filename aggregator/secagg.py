@@ -31,6 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from flwr.common import FitIns, Parameters
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -163,8 +166,9 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
     num_shares, threshold
         The run config's ``secagg-num-shares`` and ``secagg-threshold`` (see :func:`plan_secagg`).
     fraction_fit, min_clients
-        The strategy's sampling: the round samples ``max(⌊available · fraction_fit⌋,
-        min_clients)`` sites, as legacy FedAvg does.
+        The strategy's sampling, for a first plan at the round's start (``max(⌊available ·
+        fraction_fit⌋, min_clients)`` sites, as legacy FedAvg samples); the setup stage
+        replaces it by the plan for the sites ``configure_fit`` actually returns.
     observer
         Shown each round's plan and stage timings (a halted round reports the stages it ran).
     max_weight, clipping_range, timeout
@@ -176,26 +180,27 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
                  observer: StageObserver | None = None) -> None:
         super().__init__(num_shares=1.0, reconstruction_threshold=1.0, max_weight=max_weight,
                          clipping_range=clipping_range, timeout=timeout)
-        plan_secagg(max(min_clients, 2), num_shares=num_shares, threshold=threshold)  # fail early on bad values
         self.share_rule, self.threshold_rule = num_shares, threshold
         self.fraction_fit, self.min_clients = fraction_fit, min_clients
         self.observer = observer
+        self.plan = plan_secagg(max(min_clients, 2), num_shares=num_shares, threshold=threshold)
         self._times: dict[SecAggStage, float] = {}
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:  # type: ignore[override]
-        """Plan the round for the sites available now, run Flower's stages, report their times."""
+        """Run Flower's stages with the round planned for the sites sampled, and report their times."""
         available = context.client_manager.num_available()
-        sampled = max(int(available * self.fraction_fit), self.min_clients, 2)
-        plan = plan_secagg(sampled, num_shares=self.share_rule, threshold=self.threshold_rule)
-        self.num_shares, self.reconstruction_threshold = plan.shares, plan.threshold
+        self._apply(max(int(available * self.fraction_fit), self.min_clients, 2))  # replaced once sampled
         self._times = {}
-        log.info("SecAgg+: %d sites, %d shares each, threshold %d", plan.sampled, plan.shares, plan.threshold)
         try:
             super().__call__(grid, context)
         finally:
             if self.observer is not None:
                 current = context.state.config_records[MAIN_CONFIGS_RECORD].get(WorkflowKey.CURRENT_ROUND, 0)
-                self.observer(int(current) if isinstance(current, int) else 0, plan, dict(self._times))
+                self.observer(int(current) if isinstance(current, int) else 0, self.plan, dict(self._times))
+
+    def _apply(self, sampled: int) -> None:
+        self.plan = plan_secagg(sampled, num_shares=self.share_rule, threshold=self.threshold_rule)
+        self.num_shares, self.reconstruction_threshold = self.plan.shares, self.plan.threshold
 
     def _timed(self, stage: SecAggStage, step: Callable[[Grid, LegacyContext, WorkflowState], bool],
                grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
@@ -206,8 +211,29 @@ class TimedSecAggPlusWorkflow(SecAggPlusWorkflow):
             self._times[stage] = time.perf_counter() - start
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        """Flower's setup stage, timed."""
-        return self._timed(SecAggStage.SETUP, super().setup_stage, grid, context, state)
+        """Flower's setup stage, timed, with the shares planned for exactly the sites the strategy sampled.
+
+        Flower reads ``num_shares`` right after the strategy's ``configure_fit``; for the
+        duration of the stage that call is wrapped so the plan follows its result (in a
+        deployment, sites may connect between the round's start and the sampling).
+        """
+        strategy = context.strategy
+        configure = strategy.configure_fit
+
+        def planned(server_round: int, parameters: Parameters, client_manager: ClientManager
+                    ) -> list[tuple[ClientProxy, FitIns]]:
+            chosen = configure(server_round, parameters, client_manager)
+            if len(chosen) >= 2:
+                self._apply(len(chosen))
+                log.info("SecAgg+: %d sites, %d shares each, threshold %d", self.plan.sampled, self.plan.shares,
+                         self.plan.threshold)
+            return chosen
+
+        vars(strategy)["configure_fit"] = planned
+        try:
+            return self._timed(SecAggStage.SETUP, super().setup_stage, grid, context, state)
+        finally:
+            del vars(strategy)["configure_fit"]
 
     def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's share-keys stage, timed."""
