@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he bench-service bench-fl budget select test test-fast lint install nginx clean
+.PHONY: demo demo-he bench-service bench-fl bench-scale budget select test test-fast lint install nginx clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -66,6 +66,12 @@ FL_BENCH ?= runs/bench-fl
 bench-fl: $(STAMP)
 	test -f $(FL_DATA)/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA) --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public 1000 --public-shift 0.5 --size 64 --seed 0
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)
+
+# Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
+# FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.
+SCALE ?= runs/bench-scale
+bench-scale: $(STAMP)
+	$(VENV)/bin/privrad benchmark scaling --out $(SCALE)
 
 # Privacy-budget sweep (ε ∈ {1,2,4,8,∞} × 3 seeds, membership + inversion audits) and its report.
 # About an hour on 2 cores; rerun to resume an interrupted sweep.

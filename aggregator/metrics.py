@@ -18,6 +18,7 @@ import numpy as np
 from flwr.common import Message, Metrics, NDArrays, Scalar
 
 from aggregator.central_dp import CentralDP
+from aggregator.secagg import SecAggPlan, SecAggStage
 from federation.config import RunConfig
 from federation.errors import PolicyRefusedError
 from federation.ingest import ImageSet, Preprocess
@@ -67,6 +68,8 @@ class RunRecorder:
         self.privacy_reports: list[dict[str, Any]] = []
         self._refusals: dict[str, dict[int, str]] = {}  # round → node id → rule
         self._start = time.perf_counter()
+        self._mark = self._start  # end of the last round's record (round 0: the initial evaluation)
+        self._secagg: dict[str, Any] = {}
         self.final: dict[str, Any] = {}
         self.central: CentralDP | None = None  # set by the ServerApp when central DP is on
 
@@ -76,6 +79,11 @@ class RunRecorder:
         rule = refusal_rule(reply)
         if rule is not None:
             self._refusals.setdefault(reply.metadata.group_id, {})[reply.metadata.src_node_id] = rule
+
+    def note_secagg(self, server_round: int, plan: SecAggPlan, stages: dict[SecAggStage, float]) -> None:
+        """Keep a SecAgg+ round's plan and stage seconds for that round's record."""
+        self._secagg = {"secagg_shares": plan.shares, "secagg_threshold": plan.threshold,
+                        "secagg_stage_seconds": {str(k): v for k, v in stages.items()}}
 
     def aggregate_fit_metrics(self, results: Sequence[tuple[int, Metrics]]) -> Metrics:
         """Reduce the clients' fit metrics (the allow-list: ε, δ, σ, steps); remember per-site ε."""
@@ -97,7 +105,14 @@ class RunRecorder:
 
     def evaluate(self, server_round: int, parameters: NDArrays, config: dict[str, Scalar]
                  ) -> tuple[float, dict[str, Scalar]]:
-        """Centralised evaluation of the global model; checkpoint it; write the record."""
+        """Centralised evaluation of the global model; checkpoint it; write the record.
+
+        A round's row has ``fit_seconds`` (from the end of the previous round's record to
+        this evaluation: sampling, SecAgg+, local training, aggregation) and
+        ``round_seconds`` (that plus evaluation and checkpoint; the record's files are written
+        after it and count in the next round).
+        """
+        fit_seconds = time.perf_counter() - self._mark
         model = build_model(self.arch)
         set_weights(model, parameters)
         probs = predict_proba(model, self.test.images)
@@ -113,6 +128,7 @@ class RunRecorder:
             self.initial.update(auc_macro=metrics.auc_macro, auc_per_class=metrics.auc_per_class, loss=loss,
                                 **val)
             log.info("round 0 (initial model, %s): AUC %.3f", self.initial.get("source"), metrics.auc_macro)
+            self._mark = time.perf_counter()
         else:
             aggregated: dict[str, Any] = {"aggregated": True, **self._pending} if self._pending else {
                 "aggregated": False, "sites_contributed": 0}
@@ -125,15 +141,17 @@ class RunRecorder:
                             ", ".join(f"{k} ×{v}" for k, v in rules.items()))
             central = dict(self.central.last) if self.central is not None else {}
             row: dict[str, Any] = {"round": server_round, "auc_macro": metrics.auc_macro, "loss": loss,
-                   "accuracy": metrics.accuracy, **val, **aggregated, **central,
-                   "seconds": time.perf_counter() - self._start}
+                   "accuracy": metrics.accuracy, **val, **aggregated, **central, **self._secagg,
+                   "seconds": time.perf_counter() - self._start, "fit_seconds": fit_seconds}
             self.rounds.append(row)
             self.privacy_reports += [{"round": server_round, **r} for r in self._reports]
-            self._pending, self._reports = {}, []
+            self._pending, self._reports, self._secagg = {}, [], {}
             sha = save_checkpoint(self.out / "checkpoints" / f"round-{server_round:03d}.pt", model,
                                   meta=self._meta(metrics, server_round))
             row["checkpoint_sha256"] = sha
             self.final = {"model": model, "metrics": metrics}
+            now = time.perf_counter()
+            row["round_seconds"], self._mark = now - self._mark, now  # this round's files count in the next
             self.write()
             log.info("round %d: AUC %.3f, loss %.3f, eps_max %.2f", server_round, metrics.auc_macro, loss,
                      row.get("epsilon_max", 0.0))

@@ -46,6 +46,7 @@ from flwr.supercore.run import Run
 from aggregator.central_dp import CentralDP, plan_central_dp
 from aggregator.initial import initial_model
 from aggregator.metrics import RunRecorder
+from aggregator.secagg import StageObserver, TimedSecAggPlusWorkflow
 from federation.config import Resolve, RunConfig, StrategyKind, require_paths
 from federation.errors import ConfigError
 from federation.ingest import Preprocess, load_dataset
@@ -185,14 +186,22 @@ def central_dp_strategy(cfg: RunConfig, inner: Strategy) -> CentralDP:
     return CentralDP(inner, plan=plan, ledger=ledger)
 
 
-def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ fit workflow with the run's shares, threshold and (always) a timeout."""
-    return SecAggPlusWorkflow(
+def secagg_workflow(cfg: RunConfig, observer: StageObserver | None = None) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the run's shares, threshold and (always) a timeout.
+
+    The shares and threshold are planned each round for the sites sampled
+    (:func:`aggregator.secagg.plan_secagg`); ``observer`` is shown each round's plan and
+    the seconds of its four stages.
+    """
+    return TimedSecAggPlusWorkflow(
         num_shares=cfg.secagg_num_shares,
-        reconstruction_threshold=cfg.secagg_threshold,
+        threshold=cfg.secagg_threshold,
+        fraction_fit=cfg.fraction_fit,
+        min_clients=cfg.min_clients,
         max_weight=cfg.secagg_max_weight,
         clipping_range=cfg.secagg_clipping_range,
         timeout=cfg.secagg_timeout,
+        observer=observer,
     )
 
 
@@ -225,7 +234,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, *, observer: Fit
         strategy = RoundGuard(strategy, observer)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_server_rounds),
                                strategy=strategy)
-        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg) if cfg.secagg else None)
+        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(cfg, recorder.note_secagg) if cfg.secagg else None)
         observers = [recorder.on_reply, *([on_reply] if on_reply is not None else [])]
         workflow(ReportingGrid(grid, observers), legacy)
         recorder.write()

@@ -23,9 +23,10 @@ A thin adapter over :mod:`federation.ingest`, :mod:`federation.train` and :mod:`
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,8 @@ from privacy.policy import (
     review,
 )
 
-__all__ = ["HospitalClient", "check_release", "make_client_app", "policy_gate", "round_request", "site_data_path"]
+__all__ = ["DatasetCache", "HospitalClient", "check_release", "make_client_app", "policy_gate", "round_request",
+           "site_data_path"]
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +110,55 @@ def train_config(cfg: RunConfig, site: str, server_round: int) -> TrainConfig:
                        aug_mult=cfg.aug_mult, seed=zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode()))
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_dataset(path: str, size: int, stamp: float) -> ImageSet:
-    return load_dataset(Path(path), preprocess=Preprocess(size=size))
+DATASET_CACHE_BYTES = 512 * 2**20
+"""Decoded images one process keeps across messages (in a simulation one Ray actor plays many sites)."""
+
+
+class DatasetCache:
+    """Loaded site data sets by (folder, image size, labels file time), least recently used out beyond ``limit`` bytes.
+
+    Each SecAgg+ stage builds a new client and the policy gate opens the site again, so
+    without it a site's DICOM files are decoded twice a round; with 200 sites played by
+    two actors a cache of a few entries missed every time (0.14 s a load of 40 slices).
+    """
+
+    def __init__(self, limit: int = DATASET_CACHE_BYTES) -> None:
+        self.limit = limit
+        self._items: OrderedDict[tuple[str, int, float], ImageSet] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(data: ImageSet) -> int:
+        return data.images.element_size() * data.images.nelement()
+
+    def get(self, path: Path, size: int) -> ImageSet:
+        """The site's images at ``size`` pixels, decoded once while they stay in the cache."""
+        labels = path / "labels.csv"
+        stamp = labels.stat().st_mtime if labels.is_file() else (path.stat().st_mtime if path.exists() else 0.0)
+        key = (str(path), size, stamp)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        data = load_dataset(path, preprocess=Preprocess(size=size))
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = data
+                self._bytes += self._size(data)
+            while self._bytes > self.limit and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= self._size(old)
+        return data
+
+
+_DATASETS = DatasetCache()
 
 
 def _site_dataset(path: Path, size: int) -> ImageSet:
-    """The site's images, loaded once per process (each SecAgg+ stage builds a new client)."""
-    labels = path / "labels.csv"
-    stamp = labels.stat().st_mtime if labels.is_file() else (path.stat().st_mtime if path.exists() else 0.0)
-    return _cached_dataset(str(path), size, stamp)
+    """The site's images, loaded once per process while they fit in :data:`DATASET_CACHE_BYTES`."""
+    return _DATASETS.get(path, size)
 
 
 @dataclass(frozen=True)
@@ -233,7 +274,8 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None,
     Plain training messages and the SecAgg+ setup stage are reviewed in full (policy rules,
     then the ledger); a refusal at setup keeps the site out of that round's SecAgg+ group.
     SecAgg+ parameters that would let the coordinator unmask one site (a threshold of at
-    most half the shares; a site listed as alive and as dropped at unmask) are refused too.
+    most half the shares; fewer shares than the policy's ``secagg-min-shares`` or all
+    sites; a site listed as alive and as dropped at unmask) are refused too.
     A refusal raised later (another run took the last of the budget) is answered the same way.
     """
 
@@ -251,15 +293,16 @@ def policy_gate(policies: Policies | None, overrides: Mapping[str, Any] | None,
         cfg = resolve(RunConfig.from_flower(ctxt.run_config, overrides), ctxt.run_id)
         stage = configs.get(Key.STAGE) if configs is not None else None
         try:
-            if configs is not None and stage == Stage.SETUP:
-                check_secagg_setup(sample_num=_int_list(configs, Key.SAMPLE_NUMBER, scalar=True)[0],
-                                   share_num=_int_list(configs, Key.SHARE_NUMBER, scalar=True)[0],
-                                   threshold=_int_list(configs, Key.THRESHOLD, scalar=True)[0])
-            elif configs is not None and stage == Stage.UNMASK:
+            if configs is not None and stage == Stage.UNMASK:
                 check_secagg_unmask(active=_int_list(configs, Key.ACTIVE_NODE_ID_LIST),
                                     dead=_int_list(configs, Key.DEAD_NODE_ID_LIST))
             if configs is None or stage == Stage.SETUP:
                 site = Site.open(ctxt, cfg, policies)
+                if configs is not None:
+                    check_secagg_setup(sample_num=_int_list(configs, Key.SAMPLE_NUMBER, scalar=True)[0],
+                                       share_num=_int_list(configs, Key.SHARE_NUMBER, scalar=True)[0],
+                                       threshold=_int_list(configs, Key.THRESHOLD, scalar=True)[0],
+                                       min_shares=site.policy.secagg_min_shares)
                 request = round_request(cfg, secagg=secagg)
                 if site.ledger is None:
                     review(site.policy, request)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from federation.storage import atomic_write_bytes
 
 __all__ = ["plot_audit_roc", "plot_budget", "plot_fl_benchmark", "plot_inversion", "plot_leakage", "plot_rounds",
-           "save_figure"]
+           "plot_scaling", "save_figure"]
 
 ATTACK_STYLE = {"loss": ("tab:orange", "o", "loss attack"), "calibrated": ("tab:red", "s", "calibrated attack")}
 
@@ -251,4 +251,37 @@ def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
     seeds = max((len(r["seeds"]) for r in rows.values()), default=0)
     ax.set_title(f"Federated training on {summary['data']} ({seeds} seeds)", fontsize=9)
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_scaling(series: Mapping[str, Sequence[tuple[int, float, float]]], path: Path, *, title: str) -> None:
+    """Per-round time and peak memory against the number of sites, with linear references.
+
+    ``series`` maps a label (``secagg``, ``plain``) to ``(sites, seconds per round, peak RSS
+    MB)`` points; each panel's dotted line is linear growth through the first series'
+    smallest point.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    styles = {"secagg": ("tab:blue", "o", "DP-SGD + SecAgg+"), "plain": ("tab:gray", "s", "DP-SGD, plain FedAvg")}
+    for ax, column, label in ((axes[0], 1, "seconds per round (after the first)"), (axes[1], 2, "peak RSS (MB)")):
+        reference: tuple[int, float] | None = None
+        for name, points in series.items():
+            if not points:
+                continue
+            color, marker, legend = styles.get(name, ("tab:green", "^", name))
+            pts = sorted(points)
+            ax.plot([p[0] for p in pts], [p[column] for p in pts], marker=marker, color=color, label=legend)
+            if reference is None:
+                reference = (pts[0][0], pts[0][column])
+        if reference is not None:
+            xs = sorted({p[0] for points in series.values() for p in points})
+            ax.plot(xs, [reference[1] * x / reference[0] for x in xs], ":", color="black",
+                    label=f"linear from {reference[0]} sites")
+            top = max(p[column] for points in series.values() for p in points)
+            ax.set_ylim(0, 1.15 * max(top, min(reference[1] * xs[-1] / reference[0], 2 * top)))
+        ax.set_xlabel("sites")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     save_figure(fig, path)

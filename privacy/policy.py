@@ -20,6 +20,7 @@ clipping at C ≤ 1, σ ≥ 0.5, SecAgg+ required. A policy file looks like::
     min-noise-multiplier = 0.5
     max-noise-multiplier = 20.0   # beyond this, what is left of the budget counts as spent
     secagg-required = true
+    secagg-min-shares = 11        # SecAgg+ neighbourhood: at least this many sites (or all of them)
     ledger-dir = "/var/lib/privrad/ledger"   # relative paths are relative to this file
 
 Everything here is pure: no Flower, no Opacus.
@@ -90,6 +91,11 @@ class SitePolicy:
         (an update that is noise, useless to every hospital), the budget counts as spent.
     secagg_required
         Every training message must come through Flower's SecAgg+ workflow.
+    secagg_min_shares
+        The fewest shares (the site and its SecAgg+ neighbours) the site accepts when more
+        sites take part: its update is masked only against its neighbours, so a coordinator
+        colluding with all ``shares - 1`` of them could unmask it. With fewer sites than
+        this, all of them must be neighbours.
     ledger_dir
         Folder of the site's persistent ledger (``<ledger-dir>/<site>.json``); empty: the
         ``ledgers/`` folder beside the site's data folder.
@@ -104,6 +110,7 @@ class SitePolicy:
     min_noise_multiplier: float = 0.5
     max_noise_multiplier: float = 20.0
     secagg_required: bool = True
+    secagg_min_shares: int = 11
     ledger_dir: str = ""
     accountant: str = "rdp"
 
@@ -124,6 +131,10 @@ class SitePolicy:
         for name in ("dp_required", "secagg_required"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"site policy: `{_key(name)}` must be true or false, got {getattr(self, name)!r}")
+        if not (isinstance(self.secagg_min_shares, int) and not isinstance(self.secagg_min_shares, bool)
+                and self.secagg_min_shares >= 3):
+            raise ConfigError(f"site policy: `secagg-min-shares` must be an integer of at least 3, "
+                              f"got {self.secagg_min_shares!r}")
         if self.accountant != "rdp":
             raise ConfigError(f"site policy: `accountant` must be 'rdp', got {self.accountant!r}")
 
@@ -251,13 +262,17 @@ def review(policy: SitePolicy, request: RoundRequest) -> None:
                                                             f"site requires at least {policy.min_noise_multiplier:g}")
 
 
-def check_secagg_setup(*, sample_num: int, share_num: int, threshold: int) -> None:
+def check_secagg_setup(*, sample_num: int, share_num: int, threshold: int,
+                       min_shares: int = SitePolicy.secagg_min_shares) -> None:
     """Refuse SecAgg+ parameters under which the coordinator could collect both secrets of one site.
 
     Each site's mask seed and key are split into ``share_num`` shares, ``threshold`` of which
     rebuild either. In the unmask stage every neighbour hands over one share per site, of
     the seed (site alive) or of the key (site dropped); only if ``2 · threshold >
-    share_num`` can no coordinator gather ``threshold`` of each.
+    share_num`` can no coordinator gather ``threshold`` of each. A site's update is masked
+    against its ``share_num - 1`` neighbours only, so a neighbourhood smaller than
+    ``min(sample_num, min_shares)`` (the site's ``secagg-min-shares``) is refused too: the
+    coordinator would need few colluding sites to unmask it.
 
     Raises
     ------
@@ -268,6 +283,11 @@ def check_secagg_setup(*, sample_num: int, share_num: int, threshold: int) -> No
         raise PolicyRefusedError(Rule.SECAGG_PROTOCOL, f"threshold {threshold} of {share_num} shares "
                                                        f"({sample_num} sites): the threshold must exceed half "
                                                        "the shares, or the coordinator can unmask a site")
+    if share_num < min(sample_num, min_shares):
+        raise PolicyRefusedError(Rule.SECAGG_PROTOCOL, f"{share_num} shares among {sample_num} sites: this site "
+                                                       f"requires at least {min(sample_num, min_shares)} "
+                                                       "(secagg-min-shares), or a coordinator colluding with "
+                                                       f"{share_num - 1} neighbours could unmask it")
 
 
 def check_secagg_unmask(*, active: list[int], dead: list[int]) -> None:

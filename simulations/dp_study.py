@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from aggregator.initial import initial_model
 from federation.config import RunConfig
 from federation.ingest import ImageSet, Preprocess, load_dataset, site_folders
 from federation.model import PrivradCNN, get_weights, set_weights
@@ -102,8 +103,6 @@ def run_trial(trial: Trial, sites: list[ImageSet], val: ImageSet, init: PrivradC
 
 def main(argv: list[str] | None = None) -> int:
     """Run the trials named on the command line (``name:key=value,key=value``; ``freeze=a+b`` freezes two prefixes)."""
-    from aggregator.initial import initial_model
-
     args = sys.argv[1:] if argv is None else argv
     data, out = Path(args[0]), Path(args[1])
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from flwr.common import Context, Message, RecordDict
 from flwr.server import ServerApp
 
 from aggregator.metrics import refusal_rule
-from clients.client_app import HospitalClient, Site, policy_gate, site_data_path
+from clients.client_app import DatasetCache, HospitalClient, Site, policy_gate, site_data_path
 from federation.config import RunConfig
 from federation.errors import PolicyRefusedError
 from federation.ingest import Preprocess, load_dataset
@@ -132,3 +132,32 @@ def test_a_site_refuses_to_unmask_a_node_listed_as_alive_and_dropped(tiny_federa
     assert refusal_rule(reply) == "secagg-protocol"
     assert "[12] as alive and as dropped" in (reply.error.reason or "")
     assert refusal_rule(malformed) == "secagg-protocol"
+
+
+def test_a_site_refuses_a_secagg_neighbourhood_too_small_for_its_policy(tiny_federation: Path) -> None:
+    # 200 sites, 5 shares: the coordinator and the site's 4 neighbours could unmask it (the policy wants 11)
+    reply = _gate_answer(tiny_federation, _secagg_message("setup", sample_num=200, share_num=5, threshold=3,
+                                                          clipping_range=8.0, target_range=1 << 22,
+                                                          mod_range=1 << 32, max_weight=1000.0))
+
+    assert refusal_rule(reply) == "secagg-protocol"
+    assert "5 shares among 200 sites: this site requires at least 11 (secagg-min-shares)" in (reply.error.reason
+                                                                                              or "")
+
+
+def test_a_process_decodes_a_site_once_and_drops_the_least_recent_beyond_its_byte_limit(tiny_federation: Path) -> None:
+    one_set = 12 * 1 * 32 * 32 * 4  # 12 slices, float32, one channel
+    roomy, tight = DatasetCache(limit=10 * one_set), DatasetCache(limit=one_set)
+
+    first = roomy.get(tiny_federation / "site-1", 32)
+    again = roomy.get(tiny_federation / "site-1", 32)
+    other_size = roomy.get(tiny_federation / "site-1", 16)
+    kept = tight.get(tiny_federation / "site-1", 32)
+    tight.get(tiny_federation / "site-2", 32)  # over the limit: site-1 goes
+    reloaded = tight.get(tiny_federation / "site-1", 32)
+
+    assert again is first
+    assert other_size is not first
+    assert tuple(other_size.images.shape[-2:]) == (16, 16)
+    assert reloaded is not kept
+    assert bool((reloaded.images == kept.images).all())

@@ -7,13 +7,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from federation.console import out_console, progress_bar
+from federation.console import console, out_console, progress_bar
 from federation.errors import ConfigError
 from simulations.fl_benchmark import BenchConfig, Cell, cells, run_benchmark
+from simulations.scaling import Mode, ScalingConfig, ScalingSummary, run_scaling
 
 __all__ = ["benchmark_app"]
 
-benchmark_app = typer.Typer(help="Benchmarks: figures, tables and plots measured on this machine (resumable).",
+benchmark_app = typer.Typer(help="Benchmarks: figures, tables and plots measured on this machine (resumable): "
+                            "`federated` (what federation, DP and SecAgg+ give and cost), `scaling` (sites).",
                             no_args_is_help=True)
 
 
@@ -77,3 +79,47 @@ def federated(
         out_console.print(f"{key}: wall time {ratio:.2f}× plain FedAvg")
     out_console.print(f"wall time {time.perf_counter() - start:.0f} s; wrote {out}/benchmark.json, benchmark.md, "
                       "benchmark.png")
+
+
+@benchmark_app.command("scaling")
+def benchmark_scaling(
+    out: Annotated[Path, typer.Option(help="Benchmark folder (rerun to resume): scaling.json, .md, .png.")],
+    sites: Annotated[str, typer.Option(help="Numbers of sites, comma separated.")] = "20,50,100,200",
+    rounds: Annotated[int, typer.Option(help="Federated rounds per run.")] = 3,
+    per_site: Annotated[int, typer.Option(help="Phantom training slices per site.")] = 40,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    baseline: Annotated[bool, typer.Option(help="Also run plain DP-SGD FedAvg (SecAgg+'s share).")] = True,
+    secagg_num_shares: Annotated[float, typer.Option(help="SecAgg+ shares: 0 = the logarithmic rule, "
+                                                          "1.0 = all-to-all, above 1 a count.")] = 0.0,
+    data: Annotated[Path | None, typer.Option(help="Reuse this phantom federation (default: OUT/data).")] = None,
+    point_timeout: Annotated[float, typer.Option(help="Seconds one run may take.")] = 7200.0,
+) -> None:
+    """DP-SGD + SecAgg+ on the Simulation Engine at growing numbers of sites: time per round, memory, SecAgg+'s share.
+
+    Every run is a fresh process; finished runs are kept and skipped on a rerun.
+    """
+    try:
+        counts = tuple(int(v) for v in sites.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--sites must be comma-separated integers, got {sites!r}") from None
+    cfg = ScalingConfig(out=out, sites=counts, rounds=rounds, per_site=per_site, size=size, baseline=baseline,
+                        secagg_num_shares=secagg_num_shares, data=data, point_timeout=point_timeout)
+    summary = run_scaling(cfg, progress=lambda msg: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}"))
+    _print_scaling(summary)
+
+
+def _print_scaling(summary: ScalingSummary) -> None:
+    table = Table("sites", "shares", "wall s", "round 1 s", "later rounds s", "plain s", "SecAgg+ share",
+                  "peak RSS MB", title="scaling")
+    for n in sorted({p.sites for p in summary.points}):
+        s, b = summary.point(n, Mode.SECAGG), summary.point(n, Mode.PLAIN)
+        if s is None:
+            continue
+        share = f"{1 - b.steady_round_seconds / s.steady_round_seconds:.0%}" if b is not None else "–"
+        table.add_row(str(n), f"{s.shares}/{s.threshold}", f"{s.wall_seconds:.0f}", f"{s.round_seconds[0]:.1f}",
+                      f"{s.steady_round_seconds:.1f}", f"{b.steady_round_seconds:.1f}" if b else "–", share,
+                      f"{s.peak_rss_mb:.0f}")
+    out_console.print(table)
+    if summary.exponent is not None:
+        out_console.print(f"later-round time grows as sites^{summary.exponent:.2f} (1 = linear)")
+    out_console.print(f"{summary.markdown_path}, {summary.json_path}, {summary.plot_path}")

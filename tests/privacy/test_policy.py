@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from federation.errors import ConfigError, PolicyRefusedError
-from privacy.policy import RoundRequest, Rule, SitePolicy, resolve_policy, review
+from privacy.policy import RoundRequest, Rule, SitePolicy, check_secagg_setup, resolve_policy, review
 
 POLICY = SitePolicy()  # the default: DP required, ε ≤ 8 at δ 1e-5, C ≤ 1, σ ≥ 0.5, SecAgg+ required
 
@@ -103,3 +103,24 @@ def test_the_policy_comes_from_the_node_config_never_the_run_config(tmp_path: Pa
         epsilon_budget=1.5, secagg_required=False)
     assert resolve_policy({"partition-id": 0, "num-partitions": 3}, given) == given
     assert resolve_policy({"partition-id": 0}) == SitePolicy()
+
+
+def test_a_site_refuses_a_secagg_neighbourhood_smaller_than_its_policy_allows() -> None:
+    check_secagg_setup(sample_num=200, share_num=25, threshold=15)  # the server's rule at 200 sites
+    check_secagg_setup(sample_num=5, share_num=5, threshold=3)  # fewer sites than the minimum: all of them
+
+    with pytest.raises(PolicyRefusedError, match=r"\[secagg-protocol\].*3 shares among 200 sites: this site "
+                                                 r"requires at least 11 \(secagg-min-shares\)"):
+        check_secagg_setup(sample_num=200, share_num=3, threshold=2)
+    with pytest.raises(PolicyRefusedError, match=r"4 shares among 5 sites: this site requires at least 5"):
+        check_secagg_setup(sample_num=5, share_num=4, threshold=3)
+    with pytest.raises(PolicyRefusedError, match=r"25 shares among 200 sites: this site requires at least 41"):
+        check_secagg_setup(sample_num=200, share_num=25, threshold=15, min_shares=41)
+
+
+def test_the_minimum_neighbourhood_is_a_policy_key_of_at_least_three() -> None:
+    stricter = SitePolicy.from_mapping({"secagg-min-shares": 41}, source="test")
+
+    assert (POLICY.secagg_min_shares, stricter.secagg_min_shares) == (11, 41)
+    with pytest.raises(ConfigError, match="`secagg-min-shares` must be an integer of at least 3, got 2"):
+        SitePolicy(secagg_min_shares=2)
