@@ -50,7 +50,7 @@ from simulations.centralised import train_centralised
 from simulations.federated import TreeMemorySampler, run_federated
 from simulations.local import run_local
 
-__all__ = ["BenchConfig", "Cell", "cells", "run_benchmark", "run_cell", "summarise"]
+__all__ = ["BenchConfig", "Cell", "cells", "run_benchmark", "run_cell", "run_order", "summarise"]
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,22 @@ def rows(cfg: BenchConfig) -> list[tuple[str, str]]:
     return out
 
 
+def run_order(cfg: BenchConfig) -> list[str]:
+    """The rows in the order each seed runs them.
+
+    The public start first (the others start from it), then the rows the headline figures compare
+    (centralised, FedAvg, the largest ε, local only, from scratch), then the other ε from the largest down.
+    """
+    top = f"dp-eps-{_eps(max(cfg.epsilons))}"
+    first = ["public", "central", "fedavg", top, "local"] + [k for k, _ in rows(cfg) if k.startswith("scratch-")]
+    rest = sorted((k for k, _ in rows(cfg) if k.startswith("dp-eps-") and k != top),
+                  key=lambda k: -float(k.removeprefix("dp-eps-")))
+    return first + rest
+
+
 def cells(cfg: BenchConfig) -> list[Cell]:
-    """Every cell, seed-major (a partial benchmark already covers every row), the public start first."""
-    return [Cell(row, seed) for seed in range(cfg.seeds) for row, _ in rows(cfg)]
+    """Every cell, seed-major (a partial benchmark already covers every row), in :func:`run_order`."""
+    return [Cell(row, seed) for seed in range(cfg.seeds) for row in run_order(cfg)]
 
 
 def _init_path(cfg: BenchConfig, seed: int) -> Path:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from federation.errors import ConfigError, DataError
-from simulations.fl_benchmark import BenchConfig, Cell, cells, markdown, rows, run_benchmark, summarise
+from simulations.fl_benchmark import BenchConfig, Cell, cells, markdown, rows, run_benchmark, run_order, summarise
 from simulations.phantoms import PhantomConfig, generate_phantoms
 
 RUN = (("batch-size", 4), ("image-size", 32), ("local-epochs", 1), ("num-server-rounds", 1), ("pretrain-epochs", 1))
@@ -37,7 +37,9 @@ def test_rows_are_in_table_order_and_cells_seed_major(tmp_path: Path) -> None:
     cfg = BenchConfig(data=".", out=str(tmp_path), epsilons=(8.0, 1.0), seeds=2)
     assert [k for k, _ in rows(cfg)] == ["public", "local", "fedavg", "dp-eps-1", "dp-eps-8", "scratch-eps-8",
                                          "central"]
-    assert cells(cfg)[:7] == [Cell(k, 0) for k, _ in rows(cfg)]
+    assert [c.row for c in cells(cfg)[:7]] == ["public", "central", "fedavg", "dp-eps-8", "local", "scratch-eps-8",
+                                               "dp-eps-1"]
+    assert {c.seed for c in cells(cfg)[:7]} == {0}
     assert cells(cfg)[7] == Cell("public", 1)
 
 
@@ -74,7 +76,7 @@ def test_a_tiny_benchmark_runs_every_row_spends_at_most_its_epsilon_and_resumes(
                       central_epochs=1, run=RUN)
     started: list[str] = []
     summary = run_benchmark(cfg, on_cell=lambda c, r: started.append(c.row) if r is None else None)
-    assert started == [k for k, _ in rows(cfg)]
+    assert started == run_order(cfg)
     by = {r["row"]: r for r in summary["rows"]}
     assert set(by) == {k for k, _ in rows(cfg)}
     for key in ("dp-eps-8", "scratch-eps-8", "local"):
