@@ -85,7 +85,7 @@ def initial_model(cfg: RunConfig) -> InitialModel:
             log.warning("no public archive (%s/public): the global model starts from random weights", cfg.data_dir)
         return InitialModel(model, InitKind.RANDOM, {"seed": cfg.seed})
     data = load_dataset(public, preprocess=Preprocess(size=cfg.image_size))
-    train = TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=default_lr(ModelKind.APPROX),
+    train = TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, lr=default_lr(ModelKind.APPROX),
                         seed=cfg.seed)
     start = time.perf_counter()
     history = train_epochs(model, data, config=train)
@@ -93,4 +93,5 @@ def initial_model(cfg: RunConfig) -> InitialModel:
     log.info("pretrained on %d public images from %s in %.0f s", len(data), public, seconds)
     return InitialModel(model, InitKind.PUBLIC_PRETRAINED, {
         "public_dir": str(public), "public_images": len(data), "public_sha256": data.digest(),
-        "epochs": cfg.pretrain_epochs, "final_loss": history[-1].loss, "seconds": seconds})
+        "epochs": cfg.pretrain_epochs, "batch_size": cfg.pretrain_batch_size, "final_loss": history[-1].loss,
+        "seconds": seconds})

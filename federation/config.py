@@ -81,7 +81,9 @@ class RunConfig:
     The initial global model is ``initial_model`` (a privrad checkpoint) if set; else,
     with ``pretrain_epochs`` > 0, the server pretrains on the public archive
     ``public_dir`` (default ``data_dir/public`` when it exists), which costs no privacy:
-    the public data are not the hospitals'. Otherwise training starts from scratch.
+    the public data are not the hospitals'; it runs at ``pretrain_batch_size``, apart from the sites'
+    DP-SGD batch (public pretraining at batch 256 stalls: 4 steps an epoch on 1,000 slices gave val
+    macro-AUC 0.620 where batch 32 gives 0.829). Otherwise training starts from scratch.
     ``central_dp`` adds site-level DP on top (or instead of DP-SGD): each site clips its
     update to ``central_clipping_norm``, the server adds Gaussian noise of multiplier
     ``central_noise_multiplier`` (0: derived so the planned rounds spend
@@ -116,6 +118,7 @@ class RunConfig:
     initial_model: str = ""
     public_dir: str = ""
     pretrain_epochs: int = 15
+    pretrain_batch_size: int = 32
     # differential privacy (client-side DP-SGD)
     dp: bool = True
     max_grad_norm: float = 1.0
@@ -145,8 +148,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", StrategyKind(self.strategy))
-        positive = ("num_server_rounds", "local_epochs", "batch_size", "learning_rate", "image_size",
-                    "max_grad_norm", "epsilon_budget", "secagg_threshold",
+        positive = ("num_server_rounds", "local_epochs", "batch_size", "pretrain_batch_size", "learning_rate",
+                    "image_size", "max_grad_norm", "epsilon_budget", "secagg_threshold",
                     "secagg_timeout", "secagg_max_weight", "secagg_clipping_range", "central_clipping_norm",
                     "central_epsilon_budget")
         for name in positive:

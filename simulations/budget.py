@@ -267,7 +267,8 @@ def _initial_model(cfg: SweepConfig, seed: int) -> Path:
     if path.is_file():
         return path
     run_cfg = RunConfig(data_dir=str(cfg.run / "data"), image_size=cfg.image_size, seed=seed,
-                        batch_size=cfg.batch_size, pretrain_epochs=cfg.pretrain_epochs)
+                        batch_size=cfg.batch_size, pretrain_batch_size=cfg.batch_size,
+                        pretrain_epochs=cfg.pretrain_epochs)
     init = initial_model(run_cfg)
     test = load_dataset(cfg.run / "data" / "test", preprocess=Preprocess(size=cfg.image_size))
     metrics = evaluate(init.model, test).to_dict()

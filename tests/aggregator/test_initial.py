@@ -31,13 +31,15 @@ def _loss(model: nn.Module, data: Path) -> float:
 
 
 def test_the_server_pretrains_on_the_public_archive_and_says_so(with_public: Path) -> None:
-    cfg = RunConfig(data_dir=str(with_public), image_size=16, batch_size=8, pretrain_epochs=5)
+    cfg = RunConfig(data_dir=str(with_public), image_size=16, batch_size=256, pretrain_batch_size=8,
+                    pretrain_epochs=5)
 
     init = initial_model(cfg)
 
     assert init.kind is InitKind.PUBLIC_PRETRAINED
     assert init.info["public_images"] == 24
     assert init.info["public_dir"] == str(with_public / "public")
+    assert init.info["batch_size"] == 8  # its own batch, not the sites' DP-SGD batch
     assert _loss(init.model, with_public / "public") < _loss(build_model(cfg.arch(), seed=cfg.seed),
                                                              with_public / "public")
 
