@@ -222,7 +222,7 @@ def plot_leakage(examples: Sequence[dict[str, np.ndarray]], result: dict[str, An
 def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
     """Test macro-AUC (mean ± sd over seeds) of DP-SGD + SecAgg+ versus ε, with every other row as a reference line."""
     rows = {r["row"]: r for r in summary["rows"]}
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.0, 4.0), dpi=110)
     dp = sorted((float(k.removeprefix("dp-eps-")), r) for k, r in rows.items() if k.startswith("dp-eps-"))
     if dp:
         xs = [e for e, _ in dp]
@@ -247,9 +247,9 @@ def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("target ε per site (δ = 1e-5)")
     ax.set_ylabel("test macro-AUC")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     seeds = max((len(r["seeds"]) for r in rows.values()), default=0)
-    ax.set_title(f"Federated training on {summary['data']} ({seeds} seeds)", fontsize=9)
+    ax.set_title(f"Federated training on {summary['data']} ({seeds} seed{'s' if seeds != 1 else ''})", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
 
