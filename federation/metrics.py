@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["ClassificationMetrics", "classification_metrics"]
+__all__ = ["ClassificationMetrics", "classification_metrics", "seed_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +65,11 @@ def classification_metrics(
     return ClassificationMetrics(auc_macro=float(np.mean(defined)) if defined else math.nan, auc_per_class=auc,
                    auprc_per_class=auprc, accuracy=float((probs.argmax(axis=1) == labels).mean()),
                    n=int(labels.shape[0]))
+
+
+def seed_stats(values: Sequence[float]) -> dict[str, Any]:
+    """One figure over seeds: mean, sample standard deviation (0 for one value), min, max, n and the values."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+            "min": float(arr.min()), "max": float(arr.max()), "n": int(arr.size),
+            "values": [float(v) for v in arr]}

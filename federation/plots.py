@@ -227,7 +227,7 @@ def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
     if dp:
         xs = [e for e, _ in dp]
         means = [r["auc_macro"]["mean"] for _, r in dp]
-        sds = [r["auc_macro"]["sd"] for _, r in dp]
+        sds = [r["auc_macro"]["std"] for _, r in dp]
         ax.errorbar(xs, means, yerr=sds, fmt="o-", color="tab:blue", capsize=3, label="DP-SGD + SecAgg+ (public start)")
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{e:g}" for e in xs])
@@ -235,7 +235,7 @@ def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
     for key, r in rows.items():
         if key.startswith("scratch-eps-") and dp:
             e = float(key.removeprefix("scratch-eps-"))
-            ax.errorbar([e], [r["auc_macro"]["mean"]], yerr=[r["auc_macro"]["sd"]], fmt="s", color="tab:purple",
+            ax.errorbar([e], [r["auc_macro"]["mean"]], yerr=[r["auc_macro"]["std"]], fmt="s", color="tab:purple",
                         capsize=3, label=f"DP-SGD + SecAgg+ from scratch (ε = {e:g})")
     styles = {"central": ("tab:green", "-"), "fedavg": ("tab:orange", "--"), "local": ("tab:red", ":"),
               "public": ("tab:gray", "-.")}
@@ -243,7 +243,7 @@ def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
         if key in rows:
             m = rows[key]["auc_macro"]
             ax.axhline(m["mean"], color=color, linestyle=line, label=f"{rows[key]['label']}: {m['mean']:.3f}")
-            ax.axhspan(m["mean"] - m["sd"], m["mean"] + m["sd"], color=color, alpha=0.1)
+            ax.axhspan(m["mean"] - m["std"], m["mean"] + m["std"], color=color, alpha=0.1)
     ax.set_xlabel("target ε per site (δ = 1e-5)")
     ax.set_ylabel("test macro-AUC")
     ax.grid(alpha=0.3)

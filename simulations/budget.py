@@ -48,6 +48,7 @@ from aggregator.initial import initial_model
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
 from federation.ingest import Preprocess, concat, load_dataset, site_folders
+from federation.metrics import seed_stats
 from federation.model import PrivradCNN
 from federation.plots import plot_audit_roc, plot_budget
 from federation.storage import atomic_write_json, load_checkpoint, save_checkpoint
@@ -442,21 +443,14 @@ def run_sweep(cfg: SweepConfig, *, on_point: Callable[[SweepPoint, dict[str, Any
     return write_summaries(cfg)
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    arr = np.asarray(values, dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-            "min": float(arr.min()), "max": float(arr.max()), "n": int(arr.size),
-            "values": [float(v) for v in arr]}
-
-
 def _attack_stats(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per attack, over the seeds of one setting: AUC, advantage and TPR at low FPR (mean, sd), ROC curves."""
     out: dict[str, Any] = {}
     for name in runs[0]["membership"]:
         res = [r["membership"][name] for r in runs]
-        out[name] = {"auc": _stats([a["auc"] for a in res]),
-                     "advantage": _stats([a["advantage"] for a in res]),
-                     "tpr_at_fpr": {k: _stats([a["tpr_at_fpr"][k] for a in res]) for k in res[0]["tpr_at_fpr"]},
+        out[name] = {"auc": seed_stats([a["auc"] for a in res]),
+                     "advantage": seed_stats([a["advantage"] for a in res]),
+                     "tpr_at_fpr": {k: seed_stats([a["tpr_at_fpr"][k] for a in res]) for k in res[0]["tpr_at_fpr"]},
                      "roc": [{"fpr": a["roc_fpr"], "tpr": a["roc_tpr"]} for a in res]}
     return out
 
@@ -477,10 +471,10 @@ def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         classes = list(rows[0]["auc_per_class"])
         row: dict[str, Any] = {
             "epsilon": eps_label(eps), "seeds": [r["seed"] for r in rows],
-            "auc_macro": _stats([r["auc_macro"] for r in rows]),
-            "auc_per_class": {c: _stats([r["auc_per_class"][c] for r in rows]) for c in classes},
-            "accuracy": _stats([r["accuracy"] for r in rows]),
-            "seconds": _stats([r["seconds"] for r in rows]),
+            "auc_macro": seed_stats([r["auc_macro"] for r in rows]),
+            "auc_per_class": {c: seed_stats([r["auc_per_class"][c] for r in rows]) for c in classes},
+            "accuracy": seed_stats([r["accuracy"] for r in rows]),
+            "seconds": seed_stats([r["seconds"] for r in rows]),
         }
         if not math.isinf(eps):
             achieved = [v for r in rows for v in r["epsilon"].values()]
@@ -497,11 +491,11 @@ def aggregate(cfg: SweepConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     references: dict[str, Any] = {}
     inf_rows = points.get("inf", [])
     if inf_rows:
-        references["federated_nonprivate"] = _stats([r["auc_macro"] for r in inf_rows])
+        references["federated_nonprivate"] = seed_stats([r["auc_macro"] for r in inf_rows])
     if central:
-        references["centralised"] = _stats([c["auc_macro"] for c in central])
+        references["centralised"] = seed_stats([c["auc_macro"] for c in central])
     if central:
-        references["initial_model"] = _stats([c["initial_auc_macro"] for c in central])
+        references["initial_model"] = seed_stats([c["initial_auc_macro"] for c in central])
     total = len(plan(cfg))
     finished = sum(len(v) for v in points.values())
     budget = {"format": SWEEP_FORMAT, "config": cfg.to_dict(), "complete": finished == total,

@@ -29,11 +29,10 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from aggregator.initial import initial_model
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
 from federation.ingest import Preprocess, load_dataset, site_folders
+from federation.metrics import seed_stats
 from federation.plots import plot_fl_benchmark
 from federation.storage import atomic_write_bytes, atomic_write_json, save_checkpoint
 from federation.train import TrainConfig, evaluate
@@ -230,11 +230,6 @@ def _check_data(data: Path) -> None:
         raise DataError(data / "public", "is missing: the public start is pretrained on it")
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
 def summarise(cfg: BenchConfig) -> dict[str, Any]:
     """Aggregate the finished cells; write ``benchmark.json``, ``benchmark.md`` and ``benchmark.png``."""
     table = []
@@ -246,7 +241,7 @@ def summarise(cfg: BenchConfig) -> dict[str, Any]:
         for field in ("auc_macro", "val_auc_macro", "seconds", "peak_rss_mb"):
             values = [float(r[field]) for r in results if r.get(field) is not None]
             if values:
-                entry[field] = _stats(values)
+                entry[field] = seed_stats(values)
         eps = [r["epsilon_max"] for r in results if r.get("epsilon_max") is not None]
         if eps:
             entry["epsilon_max"] = max(eps)
@@ -265,10 +260,11 @@ def summarise(cfg: BenchConfig) -> dict[str, Any]:
     return summary
 
 
-def _pm(stats: dict[str, float] | None, fmt: str) -> str:
+def _pm(stats: dict[str, Any] | None, fmt: str, scale: float = 1.0) -> str:
     if stats is None:
         return "–"
-    return f"{stats['mean']:{fmt}} ± {stats['sd']:{fmt}}" if stats["n"] > 1 else f"{stats['mean']:{fmt}}"
+    mean, std = stats["mean"] / scale, stats["std"] / scale
+    return f"{mean:{fmt}} ± {std:{fmt}}" if stats["n"] > 1 else f"{mean:{fmt}}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -276,12 +272,10 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = ["| row | test macro-AUC | val macro-AUC | ε (max over sites) | wall time (s) | peak memory (GB) | seeds |",
              "|---|---|---|---|---|---|---|"]
     for e in summary["rows"]:
-        mem = e.get("peak_rss_mb")
-        mem_gb = None if mem is None else {k: (v / 1024 if k != "n" else v) for k, v in mem.items()}
         eps = e.get("epsilon_max")
         lines.append(f"| {e['label']} | {_pm(e.get('auc_macro'), '.3f')} | {_pm(e.get('val_auc_macro'), '.3f')} | "
                      f"{'–' if eps is None else f'{eps:.2f}'} | {_pm(e.get('seconds'), '.0f')} | "
-                     f"{_pm(mem_gb, '.1f')} | {len(e['seeds'])} |")
+                     f"{_pm(e.get('peak_rss_mb'), '.1f', 1024)} | {len(e['seeds'])} |")
     ratios = summary.get("wall_time_vs_fedavg") or {}
     if ratios:
         lines += ["", "Wall time of DP-SGD + SecAgg+ against plain FedAvg (same federation, same run): " + ", ".join(
@@ -313,6 +307,7 @@ def run_benchmark(cfg: BenchConfig, *, on_cell: Callable[[Cell, dict[str, Any] |
     else:
         atomic_write_json(settings, cfg.to_dict())
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    summary: dict[str, Any] | None = None
     for cell in cells(cfg):
         folder = cell.folder(cfg)
         if (folder / "result.json").is_file():
@@ -330,8 +325,8 @@ def run_benchmark(cfg: BenchConfig, *, on_cell: Callable[[Cell, dict[str, Any] |
                                f"see {folder / 'cell.log'}")
         if on_cell is not None:
             on_cell(cell, json.loads((folder / "result.json").read_text()))
-        summarise(cfg)
-    return summarise(cfg)
+        summary = summarise(cfg)  # after every cell, so a stopped benchmark leaves its table
+    return summary if summary is not None else summarise(cfg)
 
 
 def load_config(settings: Path) -> BenchConfig:

@@ -70,7 +70,7 @@ def federated(
         table.add_column(col)
     for r in summary["rows"]:
         auc, sec, mem = r["auc_macro"], r.get("seconds"), r.get("peak_rss_mb")
-        table.add_row(r["label"], f"{auc['mean']:.3f} ± {auc['sd']:.3f}",
+        table.add_row(r["label"], f"{auc['mean']:.3f} ± {auc['std']:.3f}",
                       "–" if r.get("epsilon_max") is None else f"{r['epsilon_max']:.2f}",
                       "–" if sec is None else f"{sec['mean']:.0f}",
                       "–" if mem is None else f"{mem['mean'] / 1024:.1f}", str(len(r["seeds"])))

@@ -59,7 +59,7 @@ def test_summary_gives_mean_and_sample_sd_over_seeds(tmp_path: Path) -> None:
     by = {r["row"]: r for r in summary["rows"]}
     assert set(by) == {"fedavg", "dp-eps-8"}
     assert by["fedavg"]["auc_macro"]["mean"] == pytest.approx(0.92)
-    assert by["fedavg"]["auc_macro"]["sd"] == pytest.approx(0.0282843, rel=1e-5)  # sqrt(2) * 0.02
+    assert by["fedavg"]["auc_macro"]["std"] == pytest.approx(0.0282843, rel=1e-5)  # sqrt(2) * 0.02
     assert by["dp-eps-8"]["epsilon_max"] == pytest.approx(7.99)
     assert summary["wall_time_vs_fedavg"]["dp-eps-8"] == pytest.approx(165.0 / 110.0)
     table = markdown(summary)
