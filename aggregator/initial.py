@@ -19,12 +19,13 @@ from typing import Any
 
 from federation.config import RunConfig
 from federation.errors import DataError, ModelError
-from federation.ingest import Preprocess, load_dataset
+from federation.ingest import ImageSet, Preprocess, load_dataset
+from federation.metrics import ClassificationMetrics
 from federation.model import ModelKind, PrivradCNN, build_model
-from federation.storage import load_checkpoint
-from federation.train import TrainConfig, default_lr, train_epochs
+from federation.storage import load_checkpoint, save_checkpoint
+from federation.train import TrainConfig, default_lr, evaluate, train_epochs
 
-__all__ = ["InitKind", "InitialModel", "initial_model", "public_dir"]
+__all__ = ["InitKind", "InitialModel", "initial_model", "public_dir", "save_initial_model"]
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +96,16 @@ def initial_model(cfg: RunConfig) -> InitialModel:
         "public_dir": str(public), "public_images": len(data), "public_sha256": data.digest(),
         "epochs": cfg.pretrain_epochs, "batch_size": cfg.pretrain_batch_size, "final_loss": history[-1].loss,
         "seconds": seconds})
+
+
+def save_initial_model(init: InitialModel, path: Path, test: ImageSet) -> ClassificationMetrics:
+    """Evaluate ``init`` on ``test`` and save it as a checkpoint that later runs start from (``initial-model``).
+
+    The checkpoint's metadata holds the classes, where the weights came from, the test
+    metrics and the plain-valued part of :attr:`InitialModel.info`.
+    """
+    metrics = evaluate(init.model, test)
+    provenance = {k: v for k, v in init.info.items() if isinstance(v, str | int | float | bool)}
+    save_checkpoint(path, init.model, meta={"classes": list(test.classes), "initial": str(init.kind),
+                                            "metrics": metrics.to_dict(), **provenance})
+    return metrics

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -44,17 +43,18 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.initial import initial_model
+from aggregator.initial import initial_model, save_initial_model
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
 from federation.ingest import Preprocess, concat, load_dataset, site_folders
 from federation.metrics import seed_stats
 from federation.model import PrivradCNN
 from federation.plots import plot_audit_roc, plot_budget
-from federation.storage import atomic_write_json, load_checkpoint, save_checkpoint
+from federation.storage import atomic_write_json, load_checkpoint
 from federation.train import TrainConfig, evaluate, train_epochs
 from privacy.membership import LOW_FPRS, dp_tpr_bound, membership_audit
 from privacy.policy import SitePolicy
+from simulations.federated import fresh_process_env
 
 __all__ = [
     "PointSummary",
@@ -270,16 +270,9 @@ def _initial_model(cfg: SweepConfig, seed: int) -> Path:
     run_cfg = RunConfig(data_dir=str(cfg.run / "data"), image_size=cfg.image_size, seed=seed,
                         batch_size=cfg.batch_size, pretrain_batch_size=cfg.batch_size,
                         pretrain_epochs=cfg.pretrain_epochs)
-    init = initial_model(run_cfg)
     test = load_dataset(cfg.run / "data" / "test", preprocess=Preprocess(size=cfg.image_size))
-    metrics = evaluate(init.model, test).to_dict()
-    save_checkpoint(path, init.model, meta={"classes": list(test.classes), "initial": str(init.kind),
-                                            "metrics": metrics, **_plain(init.info)})
+    save_initial_model(initial_model(run_cfg), path, test)
     return path
-
-
-def _plain(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in info.items() if isinstance(v, str | int | float | bool)}
 
 
 def _run_config(cfg: SweepConfig, point: SweepPoint, out: Path, init: Path) -> RunConfig:
@@ -319,7 +312,7 @@ def run_point(cfg: SweepConfig, point: SweepPoint, *, audit_sets: tuple[Any, Any
     atomic_write_json(folder / "run_config.json", run_cfg.to_flower())
     site_policy(cfg, point, folder).save(folder / "site_policy.toml")
     start = time.perf_counter()
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    env = fresh_process_env()
     with (folder / "run.log").open("w") as logf:
         proc = subprocess.run([sys.executable, "-m", "simulations.federated", str(folder / "run_config.json"),
                                str(folder / "site_policy.toml")],

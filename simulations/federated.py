@@ -22,7 +22,7 @@ from federation.errors import ConfigError, DataError
 from federation.ingest import site_folders
 from privacy.policy import SitePolicy
 
-__all__ = ["FederatedResult", "run_federated"]
+__all__ = ["FederatedResult", "fresh_process_env", "run_federated"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,16 @@ class TreeMemorySampler:
                  tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def fresh_process_env() -> dict[str, str]:
+    """The environment of a federated run started in a fresh process (sweeps and benchmarks).
+
+    No Flower telemetry or update check, Ray's log lines not deduplicated, output unbuffered
+    so the run's log is complete when it stops.
+    """
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
+            "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -37,17 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aggregator.initial import initial_model
+from aggregator.initial import initial_model, save_initial_model
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
 from federation.ingest import Preprocess, load_dataset, site_folders
 from federation.metrics import seed_stats
 from federation.plots import plot_fl_benchmark
-from federation.storage import atomic_write_bytes, atomic_write_json, save_checkpoint
+from federation.storage import atomic_write_bytes, atomic_write_json
 from federation.train import TrainConfig, evaluate
 from privacy.policy import SitePolicy
 from simulations.centralised import train_centralised
-from simulations.federated import TreeMemorySampler, run_federated
+from simulations.federated import TreeMemorySampler, fresh_process_env, run_federated
 from simulations.local import run_local
 
 __all__ = ["BenchConfig", "Cell", "cells", "run_benchmark", "run_cell", "run_order", "summarise"]
@@ -184,11 +183,7 @@ def run_cell(cfg: BenchConfig, cell: Cell) -> dict[str, Any]:
             pre = Preprocess(size=init.model.config.input_size)
             test = load_dataset(Path(cfg.data) / "test", preprocess=pre)
             val = load_dataset(Path(cfg.data) / "val", classes=test.classes, preprocess=pre)
-            metrics = evaluate(init.model, test)
-            save_checkpoint(_init_path(cfg, cell.seed), init.model,
-                            meta={"classes": list(test.classes), "initial": str(init.kind),
-                                  "metrics": metrics.to_dict(),
-                                  **{k: v for k, v in init.info.items() if isinstance(v, str | int | float)}})
+            metrics = save_initial_model(init, _init_path(cfg, cell.seed), test)
             record: dict[str, Any] = {"auc_macro": metrics.auc_macro,
                                       "val_auc_macro": evaluate(init.model, val).auc_macro,
                                       "source": str(init.kind)}
@@ -306,7 +301,7 @@ def run_benchmark(cfg: BenchConfig, *, on_cell: Callable[[Cell, dict[str, Any] |
             raise DataError(settings, f"holds a benchmark with other settings ({old}); use another --out")
     else:
         atomic_write_json(settings, cfg.to_dict())
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    env = fresh_process_env()
     summary: dict[str, Any] | None = None
     for cell in cells(cfg):
         folder = cell.folder(cfg)

@@ -37,7 +37,7 @@ from federation.errors import ConfigError, DataError
 from federation.plots import plot_scaling
 from federation.storage import atomic_write_bytes, atomic_write_json
 from privacy.policy import SitePolicy
-from simulations.federated import run_federated
+from simulations.federated import fresh_process_env, run_federated
 from simulations.phantoms import PhantomConfig, generate_phantoms
 
 __all__ = ["Mode", "ScalingConfig", "ScalingPoint", "ScalingSummary", "run_scaling"]
@@ -245,7 +245,7 @@ def _run_point(cfg: ScalingConfig, n: int, mode: Mode) -> ScalingPoint:
                "policy": {"ledger-dir": str(folder / "ledgers"), "secagg-required": mode is Mode.SECAGG},
                "key": cfg.key(), "mode": str(mode)}
     atomic_write_json(folder / "request.json", request)
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
+    env = {**fresh_process_env(),
            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with (folder / "run.log").open("w") as logfile:
         try:
