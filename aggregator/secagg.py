@@ -126,18 +126,15 @@ def plan_secagg(sampled: int, *, num_shares: float, threshold: float) -> SecAggP
         raise ConfigError(f"`secagg-num-shares` must not be negative, got {num_shares}")
     if num_shares == 0:
         shares = auto_share_count(sampled)
-    elif num_shares <= 1:
-        shares = round(num_shares * sampled)
-        if shares < sampled and shares % 2 == 0:
-            shares += 1  # the ring is symmetric: an odd count
-        shares = sampled if shares <= 2 else min(shares, sampled)
     else:
-        if num_shares != int(num_shares):
+        if num_shares > 1 and num_shares != int(num_shares):
             raise ConfigError(f"`secagg-num-shares` above 1 is a count of shares and must be an integer, "
                               f"got {num_shares}")
-        shares = min(int(num_shares), sampled)
+        shares = min(round(num_shares * sampled) if num_shares <= 1 else int(num_shares), sampled)
         if shares < sampled and shares % 2 == 0:
-            shares += 1
+            shares += 1  # the ring is symmetric: an odd count
+        if num_shares <= 1 and shares <= 2:
+            shares = sampled
     if threshold <= 0:
         raise ConfigError(f"`secagg-threshold` must be positive, got {threshold}")
     if threshold <= 1:

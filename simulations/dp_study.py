@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from aggregator.initial import initial_model
-from federation.config import RunConfig
+from federation.config import RunConfig, parse_flat
 from federation.ingest import ImageSet, Preprocess, load_dataset, site_folders
 from federation.model import PrivradCNN, get_weights, set_weights
 from federation.train import TrainConfig, evaluate
@@ -117,13 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, rest = spec.partition(":")
         if name in done:
             continue
-        fields = {f.name: f for f in dataclasses.fields(Trial)}
-        kw: dict[str, Any] = {}
-        for item in filter(None, rest.split(",")):
-            key, _, value = item.partition("=")
-            default: Any = fields[key].default
-            kw[key] = (value.lower() in ("1", "true")) if isinstance(default, bool) else type(default)(value)
-        trial = Trial(name=name, **kw)
+        settings = dict(item.partition("=")[::2] for item in filter(None, rest.split(",")))
+        trial = Trial(name=name, **parse_flat(Trial, settings, what="trial"))
         if trial.pretrain not in inits:
             cfg = RunConfig(data_dir=str(data), out_dir=str(out), pretrain_epochs=15 if trial.pretrain else 0,
                             head="flatten")
