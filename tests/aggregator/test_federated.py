@@ -28,6 +28,9 @@ pytestmark = pytest.mark.slow
 # 2**22 levels over [-8, 8]; dividing by the summed ratio (0.36) scales that 3.8e-6 step to ~1e-5
 # per client.
 MAX_WEIGHT = 100.0
+# Long enough that a loaded machine does not drop a live site (seen at 20 s with another run beside it);
+# it only bites when a site stops answering, which these tests do not ask for.
+SECAGG_TIMEOUT_S = 60.0
 SECAGG_TOL = 1e-4
 # with central DP every site has weight 1 (ratio 1 / 100): the quantisation step 3.8e-6 over the
 # summed ratio 0.03 is ~1.3e-4 per client
@@ -52,7 +55,7 @@ def _run(data: Path, out: Path, **kw: Any) -> tuple[dict[str, Any], Observed]:
     seen: Observed = []
     kw.setdefault("dp", False)
     cfg = RunConfig(data_dir=str(data), out_dir=str(out), image_size=16, num_server_rounds=1, batch_size=4,
-                    secagg_timeout=20.0, secagg_max_weight=MAX_WEIGHT, **kw)
+                    secagg_timeout=SECAGG_TIMEOUT_S, secagg_max_weight=MAX_WEIGHT, **kw)
     original = fed.make_server_app
     fed.make_server_app = lambda overrides: make_server_app(  # type: ignore[assignment]
         overrides, observer=lambda r, results: seen.append((r, results)))

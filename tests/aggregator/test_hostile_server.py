@@ -40,8 +40,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _simulate(data: Path, out: Path, policy: SitePolicy, *, server: dict[str, Any], clients: dict[str, Any]
               ) -> list[Message]:
     """One simulated run; ``server`` and ``clients`` are the run config each side sees. Returns every reply."""
+    # 60 s SecAgg+ timeout: at 20 s a loaded machine dropped live sites ("Insufficient available nodes")
     base = RunConfig(data_dir=str(data), out_dir=str(out), image_size=16, batch_size=4, local_epochs=1,
-                     secagg_timeout=20.0, secagg_max_weight=100.0, pretrain_epochs=0).to_flower()
+                     secagg_timeout=60.0, secagg_max_weight=100.0, pretrain_epochs=0).to_flower()
     replies: list[Message] = []
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(server_app=make_server_app({**base, **server}, on_reply=replies.append),
