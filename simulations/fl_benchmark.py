@@ -247,7 +247,11 @@ def summarise(cfg: BenchConfig) -> dict[str, Any]:
         for e in table:
             if e["row"].startswith("dp-eps-") and "seconds" in e:
                 ratios[e["row"]] = e["seconds"]["mean"] / by["fedavg"]["seconds"]["mean"]
-    summary = {**cfg.to_dict(), "rows": table, "wall_time_vs_fedavg": ratios}
+    base = cfg.base(0, cfg.folder)
+    settings = {"num_server_rounds": base.num_server_rounds, "local_epochs": base.local_epochs,
+                "batch_size": base.batch_size, "optimizer": base.optimizer, "learning_rate": base.learning_rate,
+                "max_grad_norm": base.max_grad_norm, "delta": 1e-5, "central_epochs": cfg.central_epochs}
+    summary = {**cfg.to_dict(), "settings": settings, "rows": table, "wall_time_vs_fedavg": ratios}
     atomic_write_json(cfg.folder / "benchmark.json", summary)
     atomic_write_bytes(cfg.folder / "benchmark.md", markdown(summary).encode())
     if table:
@@ -275,6 +279,12 @@ def markdown(summary: dict[str, Any]) -> str:
     if ratios:
         lines += ["", "Wall time of DP-SGD + SecAgg+ against plain FedAvg (same federation, same run): " + ", ".join(
             f"ε = {k.removeprefix('dp-eps-')}: {v:.2f}×" for k, v in ratios.items()) + "."]
+    st = summary.get("settings")
+    if st:  # what actually ran, defaults included, so a table cannot be read against settings it did not use
+        epochs = f"{st['local_epochs']} local epoch" + "s" * (st["local_epochs"] != 1)
+        lines += ["", f"Settings: {st['num_server_rounds']} rounds × {epochs} at batch "
+                      f"{st['batch_size']}, {st['optimizer']} lr {st['learning_rate']:g}, clipping norm "
+                      f"{st['max_grad_norm']:g}, δ = {st['delta']:g}; centralised: {st['central_epochs']} epochs."]
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,7 @@ def test_summary_gives_mean_and_sample_sd_over_seeds(tmp_path: Path) -> None:
     assert "| FedAvg, no DP, no SecAgg+ | 0.920 ± 0.028 |" in table
     assert "1.5 ± 0.7" in table  # peak memory in GB
     assert "ε = 8: 1.50×" in table
+    assert "Settings: 10 rounds × 1 local epoch at batch 32, adamw lr 0.003, clipping norm 1" in table
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
 
 
