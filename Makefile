@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he bench-service bench-fl bench-scale budget select test test-fast lint install nginx clean
+.PHONY: demo demo-he demo-pacs bench-service bench-fl bench-scale budget select test test-fast lint install nginx orthanc clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ install: $(STAMP)
 # nginx from Debian, the reverse proxy in front of the SuperLink (docs/deployment.md); idempotent.
 nginx:
 	bash scripts/install-nginx.sh
+
+# Orthanc + DICOMweb plugin (the hospital's PACS) and dicom3tools' dciodvfy from Debian (docs/pacs.md); idempotent.
+orthanc:
+	bash scripts/install-orthanc.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q

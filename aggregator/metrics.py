@@ -165,7 +165,16 @@ class RunRecorder:
             "test_sha256": self.test.digest(),
             "training": {"mode": "federated", "round": server_round, **self.cfg.to_flower()},
             "metrics": metrics.to_dict(),
+            "privacy": self._privacy(),
         }
+
+    def _privacy(self) -> dict[str, Any]:
+        """The privacy the model was trained under: ε spent, max over the sites that reported it, at δ."""
+        if not self.cfg.dp:
+            return {"dp": False}
+        spent = [float(e["epsilon"]) for e in self.sites.values() if e.get("epsilon") is not None]
+        deltas = [float(e["delta"]) for e in self.sites.values() if e.get("delta") is not None]
+        return {"dp": True, "epsilon_max": max(spent) if spent else None, "delta": max(deltas) if deltas else None}
 
     def summary(self) -> dict[str, Any]:
         """The content of ``metrics.json``."""

@@ -3,7 +3,8 @@
 A thin adapter over :mod:`federation.ingest`, :mod:`federation.train` and :mod:`privacy`:
 
 * the hospital's folder is ``data-dir/site-K`` with ``K = partition-id + 1`` in simulation,
-  or ``data-path`` from ``--node-config`` in deployment;
+  or ``data-path`` from ``--node-config`` in deployment, optionally filled from the hospital's
+  PACS (``pacs-url``, ``pacs-labels``: :func:`clients.pacs.sync`);
 * the hospital's :class:`~privacy.policy.SitePolicy` comes from the node config
   (``policy-file=…`` or policy keys) or from the hospital-side runner of a simulation,
   never from the run config; :func:`policy_gate`, the outermost mod, reviews every
@@ -44,6 +45,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from clients.pacs import PacsSource, sync
 from federation.config import Resolve, RunConfig, StrategyKind, as_given
 from federation.errors import ConfigError, PolicyRefusedError
 from federation.ingest import ImageSet, Preprocess, load_dataset
@@ -86,8 +88,20 @@ def site_name(context: Context) -> str:
 
 
 def site_data_path(context: Context, cfg: RunConfig | None = None) -> Path:
-    """The hospital's data folder, from node config (deployment) or partition id (simulation)."""
+    """The hospital's data folder, from node config (deployment) or partition id (simulation).
+
+    With ``pacs-url`` in the node config the data come from the hospital's PACS: its labelled CT
+    instances (``pacs-labels``, optional ``pacs-study`` / ``pacs-series``) are synced into
+    ``data-path``, the site's cache, before it is read (only missing instances are retrieved).
+    """
     node = context.node_config
+    if "pacs-url" in node:
+        if "data-path" not in node or "pacs-labels" not in node:
+            raise ConfigError("a PACS data source needs `data-path` (the site's cache) and `pacs-labels` "
+                              "in the node config")
+        source = PacsSource(str(node["pacs-url"]), Path(str(node["pacs-labels"])),
+                            study=str(node.get("pacs-study", "")), series=str(node.get("pacs-series", "")))
+        return sync(source, Path(str(node["data-path"]))).cache
     if "data-path" in node:
         return Path(str(node["data-path"]))
     root = cfg.data_dir if cfg is not None else str(context.run_config.get("data-dir", ""))

@@ -45,6 +45,7 @@ class MetaKey(enum.StrEnum):
     SOURCE = "source"                  # the checkpoint's path
     SOURCE_SHA256 = "source_sha256"    # the checkpoint's sha256
     CALIBRATION = "calibration"        # what the value ranges were measured on
+    PRIVACY = "privacy"                # the checkpoint's privacy record: {"dp", "epsilon_max", "delta"}, if any
 
 
 def derive_levels(plan: Plan, params: CKKSParams) -> LevelAssignment:

@@ -150,6 +150,7 @@ def compile_checkpoint(model_path: Path, *, checkpoint: Checkpoint | None = None
         MetaKey.SOURCE: str(model_path),
         MetaKey.SOURCE_SHA256: ckpt.sha256,
         MetaKey.CALIBRATION: calibration.source if calibration is not None else UNIFORM_NOISE,
+        MetaKey.PRIVACY: ckpt.meta.get("privacy", {}),
     }
     images = None if calibration is None else calibration.images
     return CompiledCheckpoint(ckpt, compile_model(net, options=options, calibration=images, meta=meta))

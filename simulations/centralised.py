@@ -81,6 +81,7 @@ def train_centralised(
         "test_sha256": test_set.digest(),
         "training": {"mode": "centralised", **dataclasses.asdict(train)},
         "metrics": record,
+        "privacy": {"dp": False},
     }
     out.mkdir(parents=True, exist_ok=True)
     sha = save_checkpoint(out / "model.pt", model, meta=meta)

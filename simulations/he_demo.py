@@ -32,6 +32,7 @@ from federation.storage import atomic_write_bytes, atomic_write_json, load_check
 from he_inference.client import ServiceClient
 from he_inference.compiler import compile_checkpoint, load_calibration
 from he_inference.tokens import TokenStore
+from simulations.children import stop_child
 
 __all__ = ["DemoSummary", "run_demo", "start_service"]
 
@@ -132,8 +133,7 @@ def run_demo(run: Path, data: Path, out: Path, *, workers: int = 2,
             keys_s = time.perf_counter() - t0
             result = client.classify_files([data / "test" / slice_name])[0]
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_child(proc, grace_s=60)
     metrics: dict[str, Any] = {}
     if (run / "metrics.json").is_file():
         metrics = json.loads((run / "metrics.json").read_text())

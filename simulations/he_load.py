@@ -33,6 +33,7 @@ from he_inference.client import ServiceClient
 from he_inference.compiler import compile_checkpoint
 from he_inference.passes.ir import Array
 from he_inference.tokens import TokenStore
+from simulations.children import stop_child
 from simulations.he_demo import start_service
 
 __all__ = ["LoadReport", "LoadResult", "RssSampler", "load_test", "run_load"]
@@ -194,8 +195,7 @@ def run_load(out: Path, *, size: int = 64, checkpoint: Path | None = None, clien
         result = load_test(url, hospitals=issued, images=images, clients=clients, requests=requests,
                            server_pid=proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_child(proc, grace_s=60)
     with torch.no_grad():
         ref = model(torch.as_tensor(images, dtype=torch.float32)).double().numpy()[list(result.image_index)]
     report = LoadReport(

@@ -356,6 +356,14 @@ def write_ct_dicom(
     ds.PatientName = f"Phantom^{patient_id}"
     ds.PatientID = patient_id
     ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "synthetic phantom: no patient"  # 1C: required with PatientIdentityRemoved YES
+    # Type 2 (present, may be empty) in the CT IOD; dciodvfy reports them missing otherwise
+    ds.PatientBirthDate = ds.PatientSex = ds.ReferringPhysicianName = ds.AccessionNumber = ""
+    ds.PositionReferenceIndicator = ""
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.AcquisitionNumber = 1
+    ds.PatientPosition = "FFS"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = _STUDY_DATE
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
     ds.BodyPartExamined = "ABDOMEN"

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from federation.errors import ConfigError
+from simulations.children import stop_child
 
 __all__ = ["NginxProxy", "ProxyConfig", "find_nginx", "render_nginx_conf"]
 
@@ -278,13 +279,7 @@ class NginxProxy:
         """Stop nginx (SIGTERM: fast shutdown), then wait for it."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_child(self.proc)
         self.proc = None
         if self._log is not None:
             self._log.close()

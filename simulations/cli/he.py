@@ -12,7 +12,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from clients.pacs import connect
 from federation.console import console, out_console, progress_bar
+from federation.errors import ConfigError
 from federation.storage import atomic_write_bytes, atomic_write_json, load_checkpoint
 from he_inference.artifact import CompiledModel, MetaKey
 from he_inference.bench import run_bench
@@ -30,6 +32,7 @@ from he_inference.service import serve as run_service
 from he_inference.tokens import TokenStore
 from simulations.he_demo import run_demo
 from simulations.he_load import run_load
+from simulations.pacs import classify_pacs_instance, provenance_of
 
 he_app = typer.Typer(help="CKKS encrypted inference: the hospital keeps the secret key, the server sees ciphertext.",
                      no_args_is_help=True)
@@ -222,17 +225,49 @@ def serve(
 
 @he_app.command()
 def classify(
-    images: Annotated[list[Path], typer.Argument(help="DICOM slices (or .npy arrays C×H×W in [0, 1]).")],
     server: Annotated[str, typer.Option(help="Service URL, e.g. http://127.0.0.1:8000.")],
     keys: Annotated[Path, typer.Option(help="This hospital's key folder (created on first use).")],
+    images: Annotated[list[Path] | None, typer.Argument(help="DICOM slices (or .npy arrays C×H×W in [0, 1]).")
+                      ] = None,
     token_file: Annotated[Path | None, typer.Option(help=f"File holding this hospital's token (default: the "
                                                          f"{TOKEN_ENV} variable).")] = None,
     ca_cert: Annotated[Path | None, typer.Option(help="CA certificate to verify an HTTPS service.")] = None,
+    pacs: Annotated[str, typer.Option(help="Classify PACS instances instead of files: the DICOMweb root.")] = "",
+    study: Annotated[str, typer.Option(help="With --pacs: the Study Instance UID.")] = "",
+    series: Annotated[str, typer.Option(help="With --pacs: the Series Instance UID (looked up if omitted).")
+                      ] = "",
+    instance: Annotated[list[str] | None, typer.Option(help="With --pacs: a SOP Instance UID (repeatable).")
+                        ] = None,
+    cache: Annotated[Path, typer.Option(help="With --pacs: where the retrieved instances are kept.")
+                     ] = Path("runs/pacs-cache"),
+    store_sr: Annotated[bool, typer.Option(help="With --pacs: store each result in the PACS as a DICOM SR.")
+                        ] = True,
+    model_sha256: Annotated[str, typer.Option(help="Refuse a service whose model is not this checkpoint sha256.")
+                            ] = "",
 ) -> None:
-    """Client: encrypt each image, have the service classify it on ciphertext, decrypt; prints JSON."""
+    """Client: encrypt each image, have the service classify it on ciphertext, decrypt; prints JSON.
+
+    With ``--pacs`` the images are PACS instances, and each result goes back to the same PACS as
+    a DICOM Structured Report (finding, per-class probabilities, model sha256, ε, source image).
+    """
+    if bool(pacs) == bool(images):
+        raise ConfigError("give image files, or --pacs with --study and --instance, not both")
     with ServiceClient(server, keys, token=load_token(token_file), ca_cert=ca_cert) as client:
-        results = client.classify_files(images)
-    out_console.print_json(json.dumps([r.to_dict() for r in results]))
+        if not pacs:
+            if model_sha256:
+                provenance_of(client, expect_sha256=model_sha256)
+            out_console.print_json(json.dumps([r.to_dict() for r in client.classify_files(images or [])]))
+            return
+        if not study or not instance:
+            raise ConfigError("--pacs needs --study and at least one --instance")
+        dicomweb = connect(pacs)
+        done = [classify_pacs_instance(client, dicomweb, pacs, study=study, series=series, instance=uid,
+                                       cache=cache, store_sr=store_sr, expect_sha256=model_sha256)
+                for uid in instance]
+    for d in done:
+        if d.sr_url:
+            console.print(f"SR for {d.sop_instance_uid} stored: {d.sr_url}")
+    out_console.print_json(json.dumps([d.to_dict() for d in done]))
 
 
 @he_app.command()

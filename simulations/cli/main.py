@@ -29,6 +29,7 @@ from simulations.budget import SweepConfig, SweepPoint, SweepSummary, load_sweep
 from simulations.centralised import train_centralised
 from simulations.cli.benchmark import benchmark_app
 from simulations.cli.he import he_app
+from simulations.cli.pacs import PacsOptions, pacs_app, pull_from_options
 from simulations.cli.storage import keyed_app, leakage, vault_app
 from simulations.deployment import flower_env, register_supernode
 from simulations.federated import run_federated
@@ -103,8 +104,16 @@ def train(
                     ] = "flatten",
     stem: Annotated[int, typer.Option(help="Patchify stem factor (4 for 256×256 slices; 1 = none).")] = 1,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
+    pacs: PacsOptions.URL = "",
+    pacs_labels: PacsOptions.LABELS = None,
+    pacs_study: PacsOptions.STUDY = "",
+    pacs_series: PacsOptions.SERIES = "",
 ) -> None:
-    """Train centrally on all sites pooled (the non-private upper bound) and evaluate."""
+    """Train centrally on all sites pooled (the non-private upper bound) and evaluate.
+
+    With ``--pacs`` the training slices come from a PACS (DICOMweb), cached in ``--data``.
+    """
+    pull_from_options(data, pacs, pacs_labels, pacs_study, pacs_series)
     arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head), stem=stem)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr or default_lr(model), seed=seed)
     with progress_bar("info") as bar:
@@ -338,14 +347,22 @@ def scan(
     data: Annotated[Path, typer.Option(help="A data folder (site-K/ folders, DICOM+labels.csv, "
                                             "PNG tree) or .npz.")],
     size: Annotated[int, typer.Option(help="Resize target, as for training.")] = 64,
+    pacs: PacsOptions.URL = "",
+    pacs_labels: PacsOptions.LABELS = None,
+    pacs_study: PacsOptions.STUDY = "",
+    pacs_series: PacsOptions.SERIES = "",
 ) -> None:
-    """Check a data set: how many images load, per class, and which files are skipped and why."""
+    """Check a data set: how many images load, per class, and which files are skipped and why.
+
+    With ``--pacs`` the instances are first pulled from the PACS into ``--data`` (its cache).
+    """
+    pulled = pull_from_options(data, pacs, pacs_labels, pacs_study, pacs_series)
     folders = site_folders(data) or [data]
     test = data / "test"
     if test.is_dir():
         folders.append(test)
     table = Table("folder", "images", *("per class",), "skipped")
-    problems: list[SkippedFile] = []
+    problems: list[SkippedFile] = list(pulled.skipped) if pulled is not None else []
     for folder in folders:
         ds = load_dataset(folder, preprocess=Preprocess(size=size), on_error="skip")
         table.add_row(str(folder), str(len(ds)), json.dumps(ds.class_counts()), str(len(ds.skipped)))
@@ -597,6 +614,7 @@ app.add_typer(he_app, name="he")
 app.add_typer(vault_app, name="vault")
 app.add_typer(keyed_app, name="keyed")
 app.add_typer(benchmark_app, name="benchmark")
+app.add_typer(pacs_app, name="pacs")
 app.command("leakage")(leakage)
 
 

@@ -1,0 +1,21 @@
+"""Child processes privrad starts (nginx, Orthanc, the HE service): one way to stop them."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+__all__ = ["stop_child"]
+
+
+def stop_child(proc: subprocess.Popen[Any] | None, *, grace_s: float = 10.0) -> None:
+    """SIGTERM, up to ``grace_s`` for a clean exit, then SIGKILL; returns once the process is reaped."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait(timeout=grace_s)
