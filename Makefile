@@ -53,6 +53,15 @@ demo: $(STAMP)
 	$(VENV)/bin/privrad evaluate --model $(DEMO)/federated/global_model.pt --data $(DEMO)/data/test
 	$(MAKE) --no-print-directory demo-he DEMO=$(DEMO)
 
+# The PACS story (docs/pacs.md): a real Orthanc on loopback holds a phantom hospital; the hospital trains from it;
+# two test instances are classified under HE and the results land in the same PACS as DICOM SRs. No PACS needed
+# for `make demo`; this one installs Orthanc (Debian) if missing.
+PACS_DEMO ?= runs/demo-pacs
+demo-pacs: $(STAMP) orthanc
+	rm -rf $(PACS_DEMO)
+	$(VENV)/bin/privrad phantoms --out $(PACS_DEMO)/data --sites 1 --per-site 600 --test 100 --val 60 --public 200 --size 64 --seed 0
+	$(VENV)/bin/privrad pacs demo --data $(PACS_DEMO)/data --out $(PACS_DEMO)/run
+
 # The federated model serves one encrypted classification on loopback (needs the demo's run folder).
 demo-he: $(STAMP)
 	$(VENV)/bin/privrad he demo --run $(DEMO)/federated --data $(DEMO)/data --out $(DEMO)/he

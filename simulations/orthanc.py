@@ -13,7 +13,6 @@ import json
 import logging
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,10 +22,11 @@ from typing import IO
 import requests
 
 from federation.errors import ConfigError
+from federation.net import free_port
 from federation.storage import atomic_write_bytes
 from simulations.children import stop_child
 
-__all__ = ["OrthancConfig", "OrthancServer", "find_dicomweb_plugin", "find_orthanc", "free_port"]
+__all__ = ["OrthancConfig", "OrthancServer", "find_dicomweb_plugin", "find_orthanc"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,6 @@ def find_dicomweb_plugin() -> Path:
         if hits:
             return hits[0]
     raise ConfigError(f"Orthanc's DICOMweb plugin is not installed: {INSTALL_HINT}")
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from federation.console import console, out_console, progress_bar
 from federation.errors import ConfigError
 from federation.storage import atomic_write_bytes
 from simulations.orthanc import OrthancConfig, OrthancServer
+from simulations.pacs import run_pacs_demo
 
 __all__ = ["PacsOptions", "pacs_app", "pull_from_options", "pull_with_progress"]
 
@@ -106,3 +107,29 @@ def pull_from_options(data: Path, url: str, labels: Path | None, study: str, ser
     if labels is None:
         raise ConfigError("--pacs needs --pacs-labels: a table of sop_instance_uid,label or study_instance_uid,label")
     return pull_with_progress(PacsSource(url, labels, study=study, series=series), data)
+
+
+@pacs_app.command()
+def demo(
+    data: Annotated[Path, typer.Option(help="A phantom hospital: site-1/, test/ and public/ (`privrad phantoms`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the PACS, the cache, the model, keys and pacs-demo.json.")],
+    model: Annotated[Path | None, typer.Option(help="Classify with this checkpoint instead of training one "
+                                                    "from the PACS.")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs from the PACS.")] = 30,
+    instances: Annotated[int, typer.Option(help="Test instances to classify under HE.")] = 2,
+) -> None:
+    """The PACS story: Orthanc holds the hospital, training reads from it, HE results go back as DICOM SRs."""
+    s = run_pacs_demo(data, out, model=model, epochs=epochs, instances=instances, say=console.print)
+    table = Table("instance (…last digits)", "true", "HE prediction", "SR read back: finding", "SR ε",
+                  title=f"privrad: PACS {s.dicomweb}")
+    for c in s.classified:
+        table.add_row(c["sop_instance_uid"][-16:], c["true_label"], c["prediction"], c["sr_finding"],
+                      c["sr_parameters"].get("dp_epsilon", "?"))
+    out_console.print(table)
+    for c in s.classified:
+        out_console.print(f"SR of {c['sop_instance_uid']} stored at {c['sr_url']}", soft_wrap=True)
+    out_console.print(f"the PACS is stopped; its studies and SRs stay in {out / 'pacs'}: "
+                      f"`privrad pacs serve --folder {out / 'pacs'}` serves them again (on a new port)")
+    out_console.print(f"{s.uploaded} instances stored in the PACS, {s.trained_from_pacs} trained on from it; model "
+                      f"{s.model_sha256[:12]}…, test macro-AUC {s.test_macro_auc:.3f}; {s.seconds:.0f} s; "
+                      f"{out / 'pacs-demo.json'}")

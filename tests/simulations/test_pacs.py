@@ -15,10 +15,12 @@ import pydicom
 import pytest
 import torch
 from dicomweb_client.api import DICOMwebClient
+from flwr.common import Context, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
+from clients.client_app import site_data_path
 from clients.pacs import (
     PacsError,
     PacsSource,
@@ -31,12 +33,14 @@ from clients.pacs import (
     upload_folder,
 )
 from clients.sr import ModelProvenance, classification_sr, read_sr
-from federation.errors import DataError
+from federation.errors import ConfigError, DataError
 from federation.ingest import Preprocess, load_dataset
 from federation.model import ArchConfig, HeadKind
+from federation.net import free_port
 from federation.train import TrainConfig
 from simulations.centralised import train_centralised
-from simulations.orthanc import OrthancConfig, OrthancServer, free_port
+from simulations.orthanc import OrthancConfig, OrthancServer
+from simulations.pacs import run_pacs_demo
 
 PRE = Preprocess(size=16)
 ARCH = ArchConfig(input_size=16, channels=(2,), head=HeadKind.FLATTEN)
@@ -304,3 +308,45 @@ def test_phantom_ct_slices_validate_as_ct_images(orthanc: Path, tiny_federation:
     text = out.stdout + out.stderr
     assert "CTImage" in text
     assert not [line for line in text.splitlines() if line.startswith("Error")], text
+
+
+@pytest.mark.slow
+def test_the_pacs_story_classifies_under_he_and_the_stored_sr_holds_the_decrypted_answer(
+        orthanc: Path, tiny_federation: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    summary = run_pacs_demo(tiny_federation, out, epochs=2, instances=2, arch=ARCH)
+    assert summary.uploaded == 12 + 9
+    assert summary.trained_from_pacs == 12
+    assert len(summary.classified) == 2
+    with OrthancServer(OrthancConfig(out / "pacs")) as again:  # the PACS's storage outlives the demo
+        client = _client(again)
+        for c in summary.classified:
+            assert c["sr_probabilities"] == c["probabilities"]  # the SR holds exactly what the hospital decrypted
+            assert c["sr_finding"] == c["prediction"]
+            assert c["sr_source"] == c["sop_instance_uid"]
+            assert c["sr_parameters"]["model_sha256"] == summary.model_sha256
+            assert c["sr_parameters"]["dp_epsilon"] == "not differentially private"  # trained centrally here
+            study = c["sr_url"].split("/studies/")[1].split("/")[0]
+            series = c["sr_url"].split("/series/")[1].split("/")[0]
+            sr = client.retrieve_instance(study, series, c["sr_sop_instance_uid"])
+            path = tmp_path / f"{c['sr_sop_instance_uid']}.dcm"
+            sr.save_as(path, enforce_file_format=True)
+            check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False, timeout=60)
+            text = check.stdout + check.stderr
+            assert "Comprehensive3DSR" in text
+            assert not [line for line in text.splitlines() if line.startswith("Error")], text
+            assert read_sr(sr).probabilities == c["probabilities"]
+
+
+def test_a_supernode_reads_its_site_from_the_pacs(pacs: OrthancServer, site: Path, tiny_federation: Path,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in pacs.env().items():  # a SuperNode has its credentials in its environment, not its config
+        monkeypatch.setenv(key, value)
+    node = {"pacs-url": pacs.cfg.dicomweb, "pacs-labels": str(site), "data-path": str(tmp_path / "cache")}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    path = site_data_path(context)
+    assert path == tmp_path / "cache"
+    assert len(load_dataset(path, preprocess=PRE)) == 12
+    with pytest.raises(ConfigError, match="needs `data-path`"):
+        site_data_path(Context(run_id=1, node_id=1, node_config={"pacs-url": pacs.cfg.dicomweb},
+                               state=RecordDict(), run_config={}))
