@@ -19,6 +19,7 @@ from flwr.common import Context, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
+from typer.testing import CliRunner
 
 from clients.client_app import site_data_path
 from clients.pacs import (
@@ -39,6 +40,7 @@ from federation.model import ArchConfig, HeadKind
 from federation.net import free_port
 from federation.train import TrainConfig
 from simulations.centralised import train_centralised
+from simulations.cli import app
 from simulations.orthanc import OrthancConfig, OrthancServer
 from simulations.pacs import run_pacs_demo
 
@@ -350,3 +352,32 @@ def test_a_supernode_reads_its_site_from_the_pacs(pacs: OrthancServer, site: Pat
     with pytest.raises(ConfigError, match="needs `data-path`"):
         site_data_path(Context(run_id=1, node_id=1, node_config={"pacs-url": pacs.cfg.dicomweb},
                                state=RecordDict(), run_config={}))
+
+
+def test_the_cli_uploads_pulls_scans_and_trains_from_the_pacs(pacs: OrthancServer, tiny_federation: Path,
+                                                              tmp_path: Path) -> None:
+    runner, env = CliRunner(), pacs.env()
+    labels = tmp_path / "labels.csv"
+    up = runner.invoke(app, ["pacs", "upload", str(tiny_federation / "site-2"), "--url", pacs.cfg.dicomweb,
+                             "--labels-out", str(labels)], env=env)
+    assert up.exit_code == 0, up.output
+    assert "stored 12 instances" in up.stdout
+    cache = tmp_path / "cache"
+    scan = runner.invoke(app, ["scan", "--pacs", pacs.cfg.dicomweb, "--pacs-labels", str(labels), "--data",
+                               str(cache), "--size", "16"], env=env)
+    assert scan.exit_code == 0, scan.output  # non-zero if anything were skipped
+    assert "│ 12 " in scan.stdout  # the images column
+    assert len((cache / "labels.csv").read_text().splitlines()) == 1 + 12
+    train = runner.invoke(app, ["train", "--pacs", pacs.cfg.dicomweb, "--pacs-labels", str(labels), "--data",
+                                str(cache), "--test", str(tiny_federation / "test"), "--epochs", "1", "--size", "16",
+                                "--out", str(tmp_path / "run")], env=env)
+    assert train.exit_code == 0, train.output
+    assert "12 training images" in train.stdout
+    no_labels = runner.invoke(app, ["train", "--pacs", pacs.cfg.dicomweb, "--data", str(cache), "--out",
+                                    str(tmp_path / "x")], env=env)
+    assert isinstance(no_labels.exception, ConfigError)
+    assert "--pacs-labels" in str(no_labels.exception)
+    refused = runner.invoke(app, ["pacs", "pull", "--url", pacs.cfg.dicomweb, "--labels", str(labels), "--cache",
+                                  str(tmp_path / "c2")], env={**env, "PRIVRAD_PACS_PASSWORD": "wrong"})
+    assert isinstance(refused.exception, PacsError)
+    assert "refused the credentials" in str(refused.exception)
