@@ -354,8 +354,13 @@ def test_a_supernode_reads_its_site_from_the_pacs(pacs: OrthancServer, site: Pat
                                state=RecordDict(), run_config={}))
 
 
-def test_the_cli_uploads_pulls_scans_and_trains_from_the_pacs(pacs: OrthancServer, tiny_federation: Path,
+def test_the_cli_uploads_pulls_scans_and_trains_from_the_pacs(orthanc: Path, tiny_federation: Path,
                                                               tmp_path: Path) -> None:
+    with OrthancServer(OrthancConfig(tmp_path / "pacs")) as pacs:  # its own PACS: scan reports every other instance
+        _cli_story(pacs, tiny_federation, tmp_path)
+
+
+def _cli_story(pacs: OrthancServer, tiny_federation: Path, tmp_path: Path) -> None:
     runner, env = CliRunner(), pacs.env()
     labels = tmp_path / "labels.csv"
     up = runner.invoke(app, ["pacs", "upload", str(tiny_federation / "site-2"), "--url", pacs.cfg.dicomweb,
