@@ -47,6 +47,7 @@ __all__ = [
     "fetch_instance",
     "load_pacs",
     "read_uid_labels",
+    "skip_counts",
     "store",
     "sync",
     "upload_folder",
@@ -277,11 +278,20 @@ def sync(source: PacsSource, cache: Path, *, client: DICOMwebClient | None = Non
         _write_if_changed(cache / "labels.csv", ("file,label\n" + rows).encode())
         _write_if_changed(cache / "skipped.json", json.dumps(
             [{"instance": str(s.path), "reason": s.reason} for s in skipped], indent=2).encode())
-        for s in skipped:
-            log.warning("PACS %s: instance %s %s", source.url, s.path, s.reason)
+        for reason, count in skip_counts(skipped).items():
+            log.warning("PACS %s: %d instances skipped: %s (each named in %s)", source.url, count, reason,
+                        cache / "skipped.json")
         return SyncReport(cache, fetched, cached, tuple(skipped))
     finally:
         lock.release()
+
+
+def skip_counts(skipped: Iterable[SkippedFile]) -> dict[str, int]:
+    """How many instances were skipped for each kind of reason (``is a SR instance, not CT``, …)."""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s.reason] = counts.get(s.reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:

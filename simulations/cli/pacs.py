@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from clients.pacs import PACS_PASSWORD_ENV, PACS_USER_ENV, PacsSource, SyncReport, sync, upload_folder
+from clients.pacs import PACS_PASSWORD_ENV, PACS_USER_ENV, PacsSource, SyncReport, skip_counts, sync, upload_folder
 from federation.console import console, out_console, progress_bar
 from federation.errors import ConfigError
 from federation.storage import atomic_write_bytes
@@ -41,8 +41,10 @@ def pull_with_progress(source: PacsSource, cache: Path) -> SyncReport:
     with progress_bar() as bar:
         task = bar.add_task(f"PACS → {cache}", total=None)
         report = sync(source, cache, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    for s in report.skipped:
-        console.print(f"[yellow]skipped instance {s.path}: {s.reason}")
+    for reason, count in skip_counts(report.skipped).items():  # a PACS holds far more than one labels table names
+        console.print(f"[yellow]{count} instances skipped: {reason}")
+    if report.skipped:
+        console.print(f"each skipped instance and why: {cache / 'skipped.json'}")
     console.print(f"{report.instances} instances in {cache} ({report.fetched} retrieved now, {report.cached} "
                   f"already cached, {len(report.skipped)} skipped)")
     return report
