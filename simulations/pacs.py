@@ -145,7 +145,7 @@ def run_pacs_demo(data: Path, out: Path, *, model: Path | None = None, epochs: i
         uploaded = sum(upload_folder(data / part, url, out / f"labels-{part}.csv", client=pacs)
                        for part in ("site-1", "test"))
         train_cache, test_cache = out / "cache" / "site-1", out / "cache" / "test"
-        sync(PacsSource(url, out / "labels-site-1.csv"), train_cache, client=pacs)
+        pulled = sync(PacsSource(url, out / "labels-site-1.csv"), train_cache, client=pacs)
         sync(PacsSource(url, out / "labels-test.csv"), test_cache, client=pacs)
         if model is None:
             say(f"training from the PACS cache ({epochs} epochs) …")
@@ -180,12 +180,8 @@ def run_pacs_demo(data: Path, out: Path, *, model: Path | None = None, epochs: i
                                        "sr_source": back.source_sop_instance_uid, "sr_parameters": back.parameters})
         finally:
             stop_child(proc, grace_s=60)
-    summary = PacsDemoSummary(url, uploaded, sync_count(train_cache), ckpt.sha256, auc, classified,
+    summary = PacsDemoSummary(url, uploaded, pulled.instances, ckpt.sha256, auc, classified,
                               time.perf_counter() - start)
     atomic_write_json(out / "pacs-demo.json", summary.to_dict())
     return summary
 
-
-def sync_count(cache: Path) -> int:
-    """Slices in a synced cache (rows of its labels.csv)."""
-    return max(0, len((cache / "labels.csv").read_text().splitlines()) - 1)
