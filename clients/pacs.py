@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,12 @@ class PacsError(PrivradError):
         super().__init__(f"PACS {url}: {problem}")
 
 
+def _is_uid(value: str) -> bool:
+    return len(value) <= 64 and UID_RE.match(value) is not None
+
+
 def _check_uid(value: str, what: str) -> str:
-    if value and (len(value) > 64 or not UID_RE.match(value)):
+    if value and not _is_uid(value):
         raise DataError(None, f"{what} {value!r} is not a DICOM UID (digits and dots, at most 64 characters)")
     return value
 
@@ -174,7 +179,7 @@ def read_uid_labels(path: Path) -> tuple[str, dict[str, str]]:
         table: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             uid, label = (row.get(column) or "").strip(), (row.get("label") or "").strip()
-            if not UID_RE.match(uid) or len(uid) > 64:
+            if not _is_uid(uid):
                 raise DataError(path, f"line {line}: {uid!r} is not a DICOM UID")
             if uid in table and table[uid] != label:
                 raise DataError(path, f"line {line}: {uid} is labelled both {table[uid]!r} and {label!r}")
@@ -288,10 +293,7 @@ def sync(source: PacsSource, cache: Path, *, client: DICOMwebClient | None = Non
 
 def skip_counts(skipped: Iterable[SkippedFile]) -> dict[str, int]:
     """How many instances were skipped for each kind of reason (``is a SR instance, not CT``, …)."""
-    counts: dict[str, int] = {}
-    for s in skipped:
-        counts[s.reason] = counts.get(s.reason, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return dict(Counter(s.reason for s in skipped).most_common())
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:

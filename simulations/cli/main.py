@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from privacy.policy import SitePolicy
 from simulations.audits import run_inversion_audit
 from simulations.budget import SweepConfig, SweepPoint, SweepSummary, load_sweep, parse_epsilons, plan, run_sweep
 from simulations.centralised import train_centralised
+from simulations.children import stop_on_sigterm
 from simulations.cli.benchmark import benchmark_app
 from simulations.cli.he import he_app
 from simulations.cli.pacs import PacsOptions, pacs_app, pull_from_options
@@ -559,10 +559,6 @@ def deploy_register(
         out_console.print(f"{key.site}: SuperNode {node_id} registered ({key.path})")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 @deploy_app.command("proxy")
 def deploy_proxy(
     superlink: Annotated[str, typer.Option(help="The SuperLink's loopback HOST:PORT (flower-superlink --host "
@@ -580,7 +576,7 @@ def deploy_proxy(
     """At the coordinator: nginx in front of the SuperLink, in the foreground until Ctrl-C."""
     cfg = ProxyConfig(prefix=prefix, superlink=superlink, hospital_listen=listen, operator_listen=operator_listen,
                       cert=cert, key=key, ca_cert=ca_cert, operator_network=operator_network)
-    signal.signal(signal.SIGTERM, _interrupt)   # `kill` stops nginx too, as Ctrl-C does
+    stop_on_sigterm()   # `kill` stops nginx too, as Ctrl-C does
     with NginxProxy(cfg) as proxy:
         out_console.print(f"nginx {proxy.nginx} ({cfg.conf}): hospitals → {listen} (Fleet API), operator → "
                           f"{operator_listen} (Control API), SuperLink {superlink}; Ctrl-C stops it")

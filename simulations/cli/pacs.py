@@ -1,7 +1,5 @@
 """``privrad pacs ...``: a hospital's PACS (DICOMweb) as data source and as the place results go."""
 
-import signal
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +10,7 @@ from clients.pacs import PACS_PASSWORD_ENV, PACS_USER_ENV, PacsSource, SyncRepor
 from federation.console import console, out_console, progress_bar
 from federation.errors import ConfigError
 from federation.storage import atomic_write_bytes
+from simulations.children import stop_on_sigterm
 from simulations.orthanc import OrthancConfig, OrthancServer
 from simulations.pacs import run_pacs_demo
 
@@ -61,14 +60,15 @@ def serve(
     with OrthancServer(cfg) as server:
         atomic_write_bytes(env, "".join(f"export {k}={v}\n" for k, v in server.env().items()).encode())
         env.chmod(0o600)
-        out_console.print(f"DICOMweb at {cfg.dicomweb}; credentials in {env} (mode 600): `source {env}`")
-        stop: list[int] = []
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+        out_console.print(f"DICOMweb at {cfg.dicomweb}; credentials in {env} (mode 600): `source {env}`; "
+                          "Ctrl-C stops it")
+        stop_on_sigterm()   # `kill` stops Orthanc too, as Ctrl-C does
         try:
-            while not stop and server.proc is not None and server.proc.poll() is None:
-                time.sleep(0.5)
+            code = server.proc.wait() if server.proc is not None else 1
         except KeyboardInterrupt:
-            pass
+            code = 0
+    if code:
+        raise ConfigError(f"Orthanc exited with {code}: see {folder / 'logs'}")
 
 
 @pacs_app.command()
