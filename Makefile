@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED = 1
 
 BUDGET ?= runs/budget
 
-.PHONY: demo demo-he demo-pacs bench-service bench-fl bench-scale budget select test test-fast lint install nginx orthanc clean
+.PHONY: demo demo-he demo-pacs bench-service bench-fl bench-scale budget select test test-fast he-family lint install nginx orthanc clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -36,6 +36,11 @@ test: $(STAMP)
 # Everyday loop: everything but the tests marked slow (real Flower runs, the HE service, sweeps).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The HE compiler's property test over 1,000 random models of the whole family (CI runs 200 smaller ones).
+he-family: $(STAMP)
+	PRIVRAD_FAMILY_EXAMPLES=1000 PRIVRAD_FAMILY_CHANNELS=24 PRIVRAD_FAMILY_SIDES=16,48 $(PY) -m pytest -q \
+		tests/he_inference/test_family.py --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

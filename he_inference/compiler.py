@@ -28,7 +28,7 @@ from he_inference.passes.interpret import value_ranges
 from he_inference.passes.ir import Array, Network, Shape
 from he_inference.passes.layout import choose_packing
 from he_inference.passes.levels import plan_depth
-from he_inference.passes.lower import lower
+from he_inference.passes.lower import lower, zero_threshold
 from he_inference.passes.trace import trace
 
 __all__ = ["Calibration", "CompileOptions", "CompiledCheckpoint", "compile_checkpoint", "compile_model",
@@ -110,7 +110,7 @@ def compile_model(model: nn.Module | Network, *, options: CompileOptions | None 
         except DepthError as exc:  # a channel does not fit in n/2 slots
             last = exc
             continue
-        plan = lower(net, packing=packing, ranges=ranges)
+        plan = lower(net, packing=packing, ranges=ranges, zero_below=zero_threshold(n, options.scale_bits))
         params = choose_params(plan_depth(plan), min_slots=n // 2, scale_bits=options.scale_bits,
                                headroom_bits=options.headroom_bits)
         if params.slots == n // 2:

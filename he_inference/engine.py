@@ -58,8 +58,13 @@ class Engine:
         self._plain: dict[tuple[int, int], seal.Plaintext] = {}
         todo = range(len(self.plan.instrs)) if instrs is None else sorted(instrs)
         for n, idx in enumerate(todo):
-            for pos, m in enumerate(self.plan.instrs[idx].masks):
-                self._plain[(idx, pos)] = self._encode(self.plan.masks[m], *self.levels.mask_at[idx][pos])
+            ins = self.plan.instrs[idx]
+            for pos, m in enumerate(ins.masks):
+                pt = self._encode(self.plan.masks[m], *self.levels.mask_at[idx][pos])
+                if ins.kind is Kind.MULACC and pt.is_zero():   # the compiler drops these (lower.zero_threshold)
+                    raise CiphertextError(f"instruction {idx} ({ins.kind}) of layer {self._layer_of(idx)!r}: its "
+                                          f"mask {pos} encodes to the zero plaintext; recompile the model")
+                self._plain[(idx, pos)] = pt
             if progress is not None and n % 500 == 0:
                 progress(f"encoding plaintexts {n}/{len(todo)}")
         self.encode_seconds = time.perf_counter() - start

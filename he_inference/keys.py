@@ -15,7 +15,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from he_inference.serial import MAGIC, ContainerKind, pack, seal_load, seal_to_b
 
 __all__ = [
     "INPUT_SCALE_REL_TOL", "PUBLIC_FILE", "SECRET_FILE", "PublicKeys", "SecretKeys", "check_input", "galois_elements",
-    "key_id", "load_ciphertexts", "load_upload", "pack_ciphertexts", "require_keys_for", "require_public",
+    "key_id", "key_switches", "load_ciphertexts", "load_upload", "naf", "pack_ciphertexts", "power_of_two_steps",
+    "require_keys_for", "require_public",
 ]
 
 SECRET_FILE, PUBLIC_FILE = "secret.key", "public.keys"
@@ -47,6 +48,43 @@ def galois_elements(steps: Sequence[int], poly_degree: int) -> list[int]:
     """
     slots, m = poly_degree // 2, 2 * poly_degree
     return sorted({pow(3, int(s) % slots, m) for s in steps})
+
+
+def naf(value: int) -> list[int]:
+    """The non-adjacent form of ``value`` as SEAL computes it (``util/numth.h``): signed powers of two, low first."""
+    out, sign, v, i = [], -1 if value < 0 else 1, abs(value), 0
+    while v:
+        z = 2 - (v & 3) if v & 1 else 0
+        v = (v - z) >> 1
+        if z:
+            out.append(sign * z * (1 << i))
+        i += 1
+    return out
+
+
+def key_switches(step: int, elements: Collection[int], poly_degree: int) -> int | None:
+    """Key switches SEAL's ``rotate_vector`` spends on ``step`` with Galois keys for ``elements``; None: it cannot.
+
+    A step with its own key costs one. Otherwise SEAL rotates by each term of the step's
+    non-adjacent form (skipping a term of ``slots``, the identity), each of which needs its
+    own key (``Evaluator::rotate_internal``).
+    """
+    slots = poly_degree // 2
+    if step % slots == 0:
+        return 0
+    have = set(elements)
+    if galois_elements([step], poly_degree)[0] in have:
+        return 1
+    terms = [t for t in naf(step) if abs(t) != slots]
+    if len(naf(step)) == 1 or any(galois_elements([t], poly_degree)[0] not in have for t in terms):
+        return None
+    return len(terms)
+
+
+def power_of_two_steps(poly_degree: int) -> list[int]:
+    """The rotations ``±2^k`` (k < log2 slots): Galois keys for these compose every step."""
+    slots = poly_degree // 2
+    return [s * (1 << k) for k in range(slots.bit_length() - 1) for s in (1, -1)]
 
 
 def require_public(keys: object) -> PublicKeys:
@@ -124,8 +162,8 @@ class PublicKeys:
         return cls.from_bytes(path.read_bytes(), params, source=str(path))
 
     def require_steps(self, steps: Sequence[int]) -> None:
-        """Refuse keys that lack a rotation the plan performs (keys made for another model)."""
-        missing = sorted(set(galois_elements(steps, self.params.poly_degree)) - set(self.elements))
+        """Refuse keys that cannot perform a rotation of the plan, with a key of its own or composed by SEAL."""
+        missing = [s for s in steps if key_switches(s, self.elements, self.params.poly_degree) is None]
         if missing:
             raise KeyMaterialError(f"the evaluation keys lack {len(missing)} of the model's rotations: they were "
                                    "generated for another model (run `privrad he keygen` for this one)")

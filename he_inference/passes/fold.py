@@ -8,8 +8,11 @@ Three folds, each a function ``Network -> Network`` that leaves its argument unt
   client's ``pixel_unshuffle`` and a 1x1 convolution (it then costs no rotation).
 * :func:`fold_pools_into_dense`: average pools right before the classifier become part of
   its weights (no rotations, no level).
+* :func:`trim_activations`: an activation's negligible leading coefficients are dropped
+  (ReLU's odd part is ``x / 2``, so a degree-3 ReLU fit has a cubic coefficient of ~1e-17:
+  it would cost a level and a product, and encode to a zero plaintext).
 
-:func:`fold` applies the three in that order.
+:func:`fold` applies the four in that order.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from dataclasses import replace
 import numpy as np
 
 from federation.errors import UnsupportedLayerError
-from he_inference.passes.ir import AvgPool, Conv, Dense, InputTransform, Network, Norm, Op, Residual
+from he_inference.passes.ir import Act, AvgPool, Conv, Dense, InputTransform, Network, Norm, Op, Residual
 
-__all__ = ["fold", "fold_batchnorm", "fold_patchify", "fold_pools_into_dense"]
+__all__ = ["NEGLIGIBLE", "fold", "fold_batchnorm", "fold_patchify", "fold_pools_into_dense", "trim_activations"]
+
+NEGLIGIBLE = 1e-12   # a leading coefficient this small beside the polynomial's largest is float noise
 
 
 def _fold_norm(conv: Conv, norm: Norm) -> Conv:
@@ -88,6 +93,26 @@ def fold_pools_into_dense(net: Network) -> Network:
     return replace(net, ops=tuple(ops), dense=dense)
 
 
+def _trim(ops: Sequence[Op]) -> tuple[Op, ...]:
+    out: list[Op] = []
+    for op in ops:
+        if isinstance(op, Act):
+            coef = op.coef
+            while coef.shape[0] > 3 and np.abs(coef[-1]).max() <= NEGLIGIBLE * np.abs(coef).max():
+                coef = coef[:-1]
+            out.append(op if coef is op.coef else Act(op.name, coef.copy()))
+        elif isinstance(op, Residual):
+            out.append(Residual(op.name, _trim(op.body)))
+        else:
+            out.append(op)
+    return tuple(out)
+
+
+def trim_activations(net: Network) -> Network:
+    """Drop each activation's leading coefficients that are negligible in every channel, down to degree 2."""
+    return replace(net, ops=_trim(net.ops))
+
+
 def fold(net: Network) -> Network:
-    """All folds, in order: normalisations, a patchify stem, the pools before the classifier."""
-    return fold_pools_into_dense(fold_patchify(fold_batchnorm(net)))
+    """All folds, in order: normalisations, a patchify stem, the pools before the classifier, activation degrees."""
+    return trim_activations(fold_pools_into_dense(fold_patchify(fold_batchnorm(net))))

@@ -17,6 +17,12 @@ Polynomial activations
     the next linear layer's masks and bias (a deferred *term* list), as are average pools'
     ``1 / k^2``.
 
+Zero masks
+    A mask below ``zero_below`` (largest magnitude) would encode to the zero plaintext, and
+    SEAL refuses a product by it ("result ciphertext is transparent"): such a term is
+    dropped, its contribution being below CKKS's own resolution. An output ciphertext no
+    term reaches does not depend on the input, and is refused with the layer's name.
+
 Every op writes its output in the layout the layout pass chose for it (:mod:`~.layout`);
 levels and costs of the result come from :mod:`~.levels` and :mod:`~.cost`.
 """
@@ -38,9 +44,21 @@ from he_inference.passes.ir import Act, Array, AvgPool, Conv, Dense, Network, No
 from he_inference.passes.layout import Layout, Packing
 from he_inference.passes.program import Instr, Kind, LayerSpan, Plan
 
-__all__ = ["SHIFT_LIMIT", "lower"]
+__all__ = ["SHIFT_LIMIT", "lower", "zero_threshold"]
 
 SHIFT_LIMIT = 8.0     # a shifted activation basis may move x by at most this many times its calibrated range
+
+
+def zero_threshold(poly_degree: int, scale_bits: int) -> float:
+    """Masks smaller than this (largest magnitude) may encode to the zero plaintext; larger ones cannot.
+
+    CKKS encodes slot values ``v`` at scale Δ into integer coefficients ``m`` with
+    ``||m||² = 2 Δ² ||v||² / N`` (the canonical embedding is √N times an isometry), so the
+    largest coefficient is at least ``√2 Δ max|v| / N``: at ``max|v| ≥ N / Δ`` it is at
+    least √2 and does not round to zero, with a factor 2 to spare for a mask scale below Δ.
+    Dropping a smaller term changes a result by less than CKKS's own encoding error.
+    """
+    return poly_degree / 2.0 ** scale_bits
 
 
 @dataclass(frozen=True)
@@ -61,8 +79,9 @@ class _Tensor:
 class _Builder:
     """Appends instructions and masks; registers are numbered in the order they are written."""
 
-    def __init__(self, packing: Packing) -> None:
+    def __init__(self, packing: Packing, zero_below: float) -> None:
         self.slots, self.outputs = packing.slots, packing.outputs
+        self.zero_below = zero_below
         self.instrs: list[Instr] = []
         self.masks: list[Array] = []
         self.next_reg = packing.input.n_ct
@@ -70,6 +89,17 @@ class _Builder:
     def mask(self, v: Array) -> int:
         self.masks.append(v)
         return len(self.masks) - 1
+
+    def nonzero(self, v: Array) -> bool:
+        """Whether ``v`` survives encoding (a smaller mask is a zero plaintext: its term is dropped)."""
+        return bool(np.abs(v).max(initial=0.0) >= self.zero_below) and bool(np.any(v))
+
+    def mulacc(self, srcs: Sequence[int], vecs: Sequence[Array], *, layer: str, lay: Layout, ct: int) -> int:
+        """``rescale(sum_j srcs_j * vecs_j)`` over the nonzero masks; none left is a named refusal."""
+        keep = [(r, v) for r, v in zip(srcs, vecs, strict=True) if self.nonzero(v)]
+        if not keep:
+            raise _independent(layer, lay, ct, self.zero_below)
+        return self.emit(Kind.MULACC, [r for r, _ in keep], masks=[self.mask(v) for _, v in keep])
 
     def emit(self, kind: Kind, srcs: Sequence[int], *, masks: Sequence[int] = (), step: int = 0) -> int:
         dst = self.next_reg
@@ -83,6 +113,13 @@ class _Builder:
 
     def add(self, srcs: Sequence[int]) -> int:
         return srcs[0] if len(srcs) == 1 else self.emit(Kind.ADD, srcs)
+
+
+def _independent(layer: str, lay: Layout, ct: int, zero_below: float) -> UnsupportedLayerError:
+    channels = [c for c in range(lay.shape[0]) if lay.ct[c] == ct]
+    return UnsupportedLayerError(
+        f"{layer}: output channels {channels[0]}–{channels[-1]} do not depend on the input (every weight reaching "
+        f"them is below the CKKS resolution {zero_below:.2g}); prune them or retrain")
 
 
 def _signed(step: int, slots: int) -> int:
@@ -160,7 +197,7 @@ def _choose_giant(contribs: Sequence[_Contribution], slots: int, row: int) -> in
 
 
 def _emit_linear(bld: _Builder, x: _Tensor, contribs: Sequence[_Contribution], out: Layout,
-                 bias: Array) -> _Tensor:
+                 bias: Array, layer: str) -> _Tensor:
     """Emit rotations, masked products and giant-step sums; add the bias map."""
     slots = bld.slots
     g = _choose_giant(contribs, slots, out.row)
@@ -189,13 +226,12 @@ def _emit_linear(bld: _Builder, x: _Tensor, contribs: Sequence[_Contribution], o
     for oc in range(out.n_ct):
         parts = []
         for q, entries in sorted(grouped[oc].items()):
-            srcs = [baby(*key) for key in entries]
-            masks = [bld.mask(v) for v in entries.values()]
-            acc = bld.emit(Kind.MULACC, srcs, masks=masks)
-            parts.append(bld.rot(acc, q))
-        if not parts:  # an output ciphertext no weight reaches: bias only, from a zero product
-            src = x.terms[0][0][0]
-            parts.append(bld.emit(Kind.MULACC, [src], masks=[bld.mask(np.zeros(slots))]))
+            kept = {key: v for key, v in entries.items() if bld.nonzero(v)}
+            if kept:
+                acc = bld.emit(Kind.MULACC, [baby(*key) for key in kept], masks=[bld.mask(v) for v in kept.values()])
+                parts.append(bld.rot(acc, q))
+        if not parts:  # an output ciphertext no weight reaches: it would be the bias alone
+            raise _independent(layer, out, oc, bld.zero_below)
         total = bld.add(parts)
         regs.append(bld.emit(Kind.ADD_PLAIN, [total], masks=[bld.mask(bias_vecs[oc])]))
     return _Tensor(out, ((tuple(regs), np.ones(out.shape[0])),), np.zeros(out.shape[0]))
@@ -212,7 +248,7 @@ def _const_response(conv: Conv, const: Array, shape: Shape) -> Array:
 def _conv(bld: _Builder, conv: Conv, x: _Tensor) -> _Tensor:
     out = bld.outputs[conv.name]
     contribs = _conv_contributions(conv, x, out, bld.slots)
-    return _emit_linear(bld, x, contribs, out, _const_response(conv, x.const, x.layout.shape))
+    return _emit_linear(bld, x, contribs, out, _const_response(conv, x.const, x.layout.shape), conv.name)
 
 
 def _pool(bld: _Builder, pool: AvgPool, x: _Tensor) -> _Tensor:
@@ -229,16 +265,14 @@ def _pool(bld: _Builder, pool: AvgPool, x: _Tensor) -> _Tensor:
     return _Tensor(bld.outputs[pool.name], tuple(terms), x.const.copy())
 
 
-def _materialise(bld: _Builder, x: _Tensor) -> _Tensor:
+def _materialise(bld: _Builder, x: _Tensor, layer: str) -> _Tensor:
     """Apply deferred coefficients and constant under encryption (one level)."""
     lay = x.layout
     regs = []
     for ct in range(lay.n_ct):
-        srcs, masks = [], []
-        for term_regs, coef in x.terms:
-            srcs.append(term_regs[ct])
-            masks.append(bld.mask(lay.pack(np.broadcast_to(coef[:, None, None], lay.shape), bld.slots)[ct]))
-        acc = bld.emit(Kind.MULACC, srcs, masks=masks)
+        srcs = [term_regs[ct] for term_regs, _ in x.terms]
+        vecs = [lay.pack(np.broadcast_to(coef[:, None, None], lay.shape), bld.slots)[ct] for _, coef in x.terms]
+        acc = bld.mulacc(srcs, vecs, layer=layer, lay=lay, ct=ct)
         const = lay.pack(np.broadcast_to(x.const[:, None, None], lay.shape), bld.slots)[ct]
         regs.append(bld.emit(Kind.ADD_PLAIN, [acc], masks=[bld.mask(const)]))
     return _Tensor(lay, ((tuple(regs), np.ones(lay.shape[0])),), np.zeros(lay.shape[0]))
@@ -257,7 +291,7 @@ def _shifted(coef: Array, shift: Array) -> Array:
 
 def _act(bld: _Builder, act: Act, x: _Tensor, calib_range: float) -> _Tensor:
     if not x.plain:
-        x = _materialise(bld, x)
+        x = _materialise(bld, x, act.name)
     lay = x.layout
     regs = x.terms[0][0]
     a = act.coef
@@ -303,14 +337,15 @@ def _dense(bld: _Builder, dense: Dense, x: _Tensor) -> list[int]:
     outputs = []
     for cls in range(k):
         w = dense.weight[cls]
-        srcs, masks = [], []
+        srcs, vecs = [], []
         for regs, coef in x.terms:
-            vecs = lay.pack(w * coef[:, None, None], bld.slots)
-            for ct, v in enumerate(vecs):
-                if np.any(v):
-                    srcs.append(regs[ct])
-                    masks.append(bld.mask(v))
-        acc = bld.emit(Kind.MULACC, srcs, masks=masks)
+            for ct, v in enumerate(lay.pack(w * coef[:, None, None], bld.slots)):
+                srcs.append(regs[ct])
+                vecs.append(v)
+        if not any(bld.nonzero(v) for v in vecs):
+            raise UnsupportedLayerError(f"{dense.name}: logit {cls} does not depend on the input (every weight is "
+                                        f"below the CKKS resolution {bld.zero_below:.2g})")
+        acc = bld.mulacc(srcs, vecs, layer=dense.name, lay=lay, ct=0)
         step = bld.slots // 2
         while step >= 1:  # rotate and sum: every slot ends up with the total
             acc = bld.add([acc, bld.rot(acc, step)])
@@ -320,19 +355,20 @@ def _dense(bld: _Builder, dense: Dense, x: _Tensor) -> list[int]:
     return outputs
 
 
-def lower(net: Network, *, packing: Packing, ranges: Sequence[float]) -> Plan:
+def lower(net: Network, *, packing: Packing, ranges: Sequence[float], zero_below: float = 0.0) -> Plan:
     """The instructions and masks of ``net`` in ``packing``.
 
     ``ranges`` (from :func:`~.interpret.value_ranges`) bound the activations' inputs: they
-    decide whether an activation may use the shifted basis.
+    decide whether an activation may use the shifted basis. A mask whose largest magnitude
+    is below ``zero_below`` is a zero plaintext (:func:`zero_threshold`): its term is dropped.
 
     Raises
     ------
     UnsupportedLayerError
-        A normalisation that was not folded, a residual body without a convolution, or an
-        activation degree other than 2, 3 or 4.
+        A normalisation that was not folded, a residual body without a convolution, an
+        activation degree other than 2, 3 or 4, or an output that does not depend on the input.
     """
-    bld = _Builder(packing)
+    bld = _Builder(packing, zero_below)
     inp = packing.input
     x = _Tensor(inp, ((tuple(range(inp.n_ct)), np.ones(inp.shape[0])),), np.zeros(inp.shape[0]))
     layers: list[LayerSpan] = []

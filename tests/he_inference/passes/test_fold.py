@@ -8,10 +8,17 @@ import torch
 from torch import nn
 
 from federation.errors import UnsupportedLayerError
-from federation.model import PolyAct
-from he_inference.passes.fold import fold, fold_batchnorm, fold_patchify, fold_pools_into_dense
+from federation.model import PolyAct, relu_poly_coefficients
+from he_inference.passes.fold import (
+    NEGLIGIBLE,
+    fold,
+    fold_batchnorm,
+    fold_patchify,
+    fold_pools_into_dense,
+    trim_activations,
+)
 from he_inference.passes.interpret import run_plain
-from he_inference.passes.ir import AvgPool, Network, Norm, Op, Residual
+from he_inference.passes.ir import Act, AvgPool, Network, Norm, Op, Residual
 from he_inference.passes.trace import trace
 from tests.he_inference.models import CASES, custom, images, patchify
 
@@ -82,3 +89,22 @@ def test_folding_twice_changes_nothing() -> None:
     assert twice.transform == once.transform
     assert len(twice.ops) == len(once.ops)
     np.testing.assert_array_equal(twice.dense.weight, once.dense.weight)
+
+
+def test_negligible_leading_coefficients_are_trimmed_and_a_real_cubic_is_kept() -> None:
+    relu3 = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), PolyAct(3, 0.5, channels=2), nn.Flatten(),
+                          nn.Linear(2 * 8 * 8, 2)).eval()
+    cubic = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), PolyAct(3, 0.5, channels=2), nn.Flatten(),
+                          nn.Linear(2 * 8 * 8, 2)).eval()
+    with torch.no_grad():
+        cubic[1].coefficients[3].fill_(0.3)
+    x = images((1, 8, 8))
+
+    for model, degree in [(relu3, 2), (cubic, 3)]:
+        traced = trace(model, image_shape=(1, 8, 8))
+        net = trim_activations(traced)
+        act = net.ops[1]
+        assert isinstance(act, Act)
+        assert act.degree == degree
+        assert np.abs(run_plain(net, x) - run_plain(traced, x)).max() < 1e-12
+    assert abs(relu_poly_coefficients(3, 0.5)[3]) < NEGLIGIBLE   # ReLU's odd part is x / 2: no cubic term

@@ -10,9 +10,9 @@ import pytest
 from federation.errors import UnsupportedLayerError
 from he_inference.passes.fold import fold
 from he_inference.passes.interpret import SlotSimulator, run_plain, value_ranges
-from he_inference.passes.ir import Network
+from he_inference.passes.ir import Conv, Network
 from he_inference.passes.layout import choose_packing
-from he_inference.passes.lower import lower
+from he_inference.passes.lower import lower, zero_threshold
 from he_inference.passes.program import Kind, Plan
 from he_inference.passes.trace import trace
 from tests.he_inference.models import CASES, custom, images
@@ -73,3 +73,56 @@ def test_a_plan_whose_layers_leave_a_gap_is_refused_by_field() -> None:
 
     with pytest.raises(ValueError, match="`layers` must cover the instructions in order"):
         dataclasses.replace(plan, layers=plan.layers[1:])
+
+
+def test_a_mask_below_the_zero_plaintext_threshold_is_dropped_and_the_plan_still_matches() -> None:
+    net = fold(trace(custom(3, 1, 2), image_shape=(1, 16, 16)))
+    x = images((1, 16, 16))
+    ranges = value_ranges(net, x)
+    conv = net.ops[0]
+    assert isinstance(conv, Conv)
+    tiny = dataclasses.replace(conv, weight=conv.weight.copy())
+    tiny.weight[0, 0, 0, 0] = 1e-20      # one tap far below CKKS's resolution: its mask would encode to zero
+    net = dataclasses.replace(net, ops=(tiny, *net.ops[1:]))
+    packing = choose_packing(net, slots=SLOTS)
+    kept, dropped = lower(net, packing=packing, ranges=ranges), lower(net, packing=packing, ranges=ranges,
+                                                                        zero_below=zero_threshold(2 * SLOTS, 40))
+
+    assert min(np.abs(m).max() for m in kept.masks if np.any(m)) < 1e-19
+    assert all(np.abs(dropped.masks[m]).max() >= zero_threshold(2 * SLOTS, 40)
+               for ins in dropped.instrs if ins.kind is Kind.MULACC for m in ins.masks)
+    got = SlotSimulator(dropped).run(dropped.input_layout.pack(net.transform.apply(x[:1])[0], SLOTS))
+    np.testing.assert_allclose(got, run_plain(net, x[:1])[0], atol=SIM_TOL * max(1.0, np.abs(got).max()), rtol=0)
+
+
+def test_an_output_no_weight_reaches_is_refused_with_the_layer_and_channels() -> None:
+    net = fold(trace(custom(3, 1, 2), image_shape=(1, 16, 16)))
+    conv = net.ops[0]
+    assert isinstance(conv, Conv)
+    dead = dataclasses.replace(conv, weight=np.zeros_like(conv.weight))
+    net = dataclasses.replace(net, ops=(dead, *net.ops[1:]))
+
+    with pytest.raises(UnsupportedLayerError, match=r"^0: output channels 0–2 do not depend on the input"):
+        _plan(net, images((1, 16, 16)))
+
+
+def test_the_zero_plaintext_threshold_is_where_encoding_can_first_round_to_zero() -> None:
+    import tenseal.sealapi as seal
+
+    from he_inference.ckks import CKKSParams, make_context
+
+    params = CKKSParams(8192, (60, 40, 60), 40)
+    ctx = make_context(params)
+    encoder = seal.CKKSEncoder(ctx)
+    tol = zero_threshold(params.poly_degree, params.scale_bits)
+
+    def zero(v: np.ndarray) -> bool:
+        pt = seal.Plaintext()
+        encoder.encode(v.tolist(), params.scale, pt)
+        return bool(pt.is_zero())
+
+    one_slot = np.zeros(params.slots)
+    one_slot[7] = tol
+    assert not zero(one_slot)                       # at the threshold: never zero (the sparsest mask)
+    one_slot[7] = tol / 1e4
+    assert zero(one_slot)                           # far below it: a zero plaintext, which SEAL refuses to multiply
