@@ -19,7 +19,10 @@ the operator issued to the hospital (:mod:`he_inference.tokens`); none is a 401 
 hospital's key id is a 404, as an unknown one is; a hospital holds at most
 ``keys_per_hospital`` key sets (registering more replaces its own least recently used), and
 when all ``max_clients`` are taken only another hospital's key set idle for ``key_idle_s`` may
-leave, otherwise the registration is a 503 with ``Retry-After``.
+leave, otherwise the registration is a 503 with ``Retry-After``. With a key store
+(:mod:`~he_inference.keystore`, ``he serve``'s default) admitted key sets are kept on disk
+and reloaded at start, so a key id stays valid across restarts and a hospital uploads its
+keys once; released ones are deleted.
 
 Limits, all checked before a body is read: the token, the key id, the media type and the
 declared size (``Content-Length``) against :func:`wire_bounds`, the largest key set and
@@ -61,6 +64,7 @@ from federation.errors import CiphertextError, ConfigError, HEError, KeyMaterial
 from he_inference.artifact import CompiledModel, MetaKey
 from he_inference.ckks import CKKSParams
 from he_inference.keys import PublicKeys, galois_elements, key_id, require_keys_for
+from he_inference.keystore import KeyStore, hospital_key_id
 from he_inference.parallel import PoolState
 from he_inference.server import InferenceServer
 from he_inference.tokens import TokenFile
@@ -189,6 +193,7 @@ class Admission:
     key_id: str
     new: bool
     released: tuple[str, ...] = ()
+    evicted: str | None = None   # the key id that left for this one
 
 
 @dataclass
@@ -207,7 +212,7 @@ class KeyRegistry:
     @staticmethod
     def key_id_for(hospital: str, pool_id: str) -> str:
         """The id a hospital uses for its keys."""
-        return key_id(f"{hospital}\n{pool_id}".encode())
+        return hospital_key_id(hospital, pool_id)
 
     def __len__(self) -> int:
         return len(self._sets)
@@ -263,7 +268,7 @@ class KeyRegistry:
             released = (gone.pool_id,) if gone is not None and gone.pool_id not in held else ()
             if gone is not None:
                 log.info("key set %s of %s released for %s's new one", victim, gone.hospital, hospital)
-            return Admission(kid, new=True, released=released)
+            return Admission(kid, new=True, released=released, evicted=victim)
 
     def drop(self, kid: str) -> str | None:
         """Remove a key id (a registration that failed); returns its pool id if nobody else holds it."""
@@ -399,8 +404,14 @@ async def _read_body(request: Request, bound: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(model_path: Path, *, tokens: Path, workers: int = 2, limits: ServiceLimits | None = None) -> FastAPI:
-    """The service for one compiled model, its hospitals' tokens in ``tokens`` (plaintexts encoded once)."""
+def create_app(model_path: Path, *, tokens: Path, workers: int = 2, limits: ServiceLimits | None = None,
+               key_store: Path | None = None) -> FastAPI:
+    """The service for one compiled model, its hospitals' tokens in ``tokens`` (plaintexts encoded once).
+
+    ``key_store``: a folder where admitted key sets are kept (:mod:`~he_inference.keystore`)
+    and reloaded from at start, so a hospital's key id stays valid across restarts; None:
+    key sets live in memory only.
+    """
     limits = limits or ServiceLimits()
     token_file = TokenFile(tokens)
     model = CompiledModel.load(Path(model_path))
@@ -416,6 +427,9 @@ def create_app(model_path: Path, *, tokens: Path, workers: int = 2, limits: Serv
     server = InferenceServer(model, workers=workers, model_path=Path(model_path))
     registry = KeyRegistry(limits)
     pool = threading.Lock()   # one pool operation at a time: each encrypted pass already uses every worker
+    store = KeyStore(key_store, params_sha256=model.params.digest()) if key_store is not None else None
+    if store is not None:
+        _reload(store, registry, server, model)
     infer_gate, keys_gate = _Gate(limits.max_queue), _Gate(limits.max_key_uploads)
     app = FastAPI(title="privrad encrypted inference", version="2", openapi_url=None, docs_url=None, redoc_url=None,
                   description="Encrypted classification: public evaluation keys and CKKS ciphertexts only. "
@@ -517,6 +531,8 @@ def create_app(model_path: Path, *, tokens: Path, workers: int = 2, limits: Serv
                 if released is not None:
                     server.forget(released)
                 raise _he_refusal(exc, "registering the keys") from exc
+            if store is not None and admission.new:
+                _persist(store, admission, who, pool_id, keys.blob)
         log.info("%s registered key set %s (new: %s)", who, admission.key_id, admission.new)
         return {"key_id": admission.key_id, "new": admission.new}
 
@@ -561,6 +577,44 @@ def create_app(model_path: Path, *, tokens: Path, workers: int = 2, limits: Serv
     return app
 
 
+def _persist(store: KeyStore, admission: Admission, who: str, pool_id: str, blob: bytes) -> None:
+    """Keep an admitted key set on disk and drop the one it replaced; a disk failure is logged, not fatal."""
+    try:
+        if admission.evicted is not None:
+            store.remove(admission.evicted)
+        store.save(admission.key_id, hospital=who, pool_id=pool_id, blob=blob)
+    except OSError as exc:   # the keys still serve from memory; after a restart the hospital uploads them again
+        log.error("could not keep key set %s in %s: %s", admission.key_id, store.root, exc)
+
+
+def _reload(store: KeyStore, registry: KeyRegistry, server: InferenceServer, model: CompiledModel) -> None:
+    """Admit and load the stored key sets, oldest first; one that fails is named in the log and skipped."""
+    loaded = 0
+    for entry in store.entries():
+        try:
+            keys = require_keys_for(PublicKeys.from_bytes(entry.blob, model.params, source=f"stored {entry.key_id}"),
+                                    model.params, model.plan.steps)
+        except (KeyMaterialError, CiphertextError) as exc:
+            log.warning("stored key set %s of %s is not usable with this model and is skipped: %s", entry.key_id,
+                        entry.hospital, _first_line(exc))
+            continue
+        try:
+            admission = registry.admit(entry.hospital, entry.pool_id)
+        except RefusalError:
+            log.warning("more stored key sets than --max-clients: %s of %s and later ones are not loaded",
+                        entry.key_id, entry.hospital)
+            break
+        for old in admission.released:
+            server.forget(old)
+        if admission.evicted is not None:
+            store.remove(admission.evicted)
+        if admission.new:
+            server.register(keys)
+            loaded += 1
+    if loaded:
+        log.info("reloaded %d stored key set(s) from %s", loaded, store.root)
+
+
 def _unknown(kid: str) -> RefusalError:
     return RefusalError(404, "unknown_key_id", f"no evaluation keys of this hospital under {kid[:32]!r}: "
                         "POST /keys first (keys may have been replaced or released)")
@@ -600,8 +654,11 @@ def is_loopback(host: str) -> bool:
 
 def serve(model_path: Path, *, tokens: Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 2,
           tls_cert: Path | None = None, tls_key: Path | None = None, insecure: bool = False,
-          limits: ServiceLimits | None = None, progress: Callable[[str], None] | None = None) -> None:
+          limits: ServiceLimits | None = None, progress: Callable[[str], None] | None = None,
+          key_store: Path | None = None) -> None:
     """Run the service with uvicorn until interrupted; the worker pool is stopped on the way out.
+
+    ``key_store``: where registered key sets are kept across restarts (:func:`create_app`).
 
     The settings are checked first (``progress`` hears when the slow start begins).
 
@@ -622,7 +679,7 @@ def serve(model_path: Path, *, tokens: Path, host: str = "127.0.0.1", port: int 
     TokenFile(tokens)   # a missing or unreadable tokens file stops here, before the model is encoded
     if progress is not None:
         progress(f"encoding the model and starting {workers} worker(s) …")
-    app = create_app(model_path, tokens=tokens, workers=workers, limits=limits)
+    app = create_app(model_path, tokens=tokens, workers=workers, limits=limits, key_store=key_store)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning",
                     ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None)

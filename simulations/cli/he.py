@@ -215,12 +215,17 @@ def serve(
                                                    "leave for a new one.")] = 900.0,
     max_queue: Annotated[int, typer.Option(help="Inference requests admitted at once (running or waiting); more "
                                                 "get 503 + Retry-After.")] = 16,
+    key_store: Annotated[Path | None, typer.Option(help="Folder keeping the registered key sets across restarts "
+                                                        "(default: registered-keys/ beside the model).")] = None,
+    keep_keys: Annotated[bool, typer.Option(help="Keep registered key sets on disk (--no-keep-keys: in memory "
+                                                 "only; hospitals upload them again after a restart).")] = True,
 ) -> None:
     """Server: the encrypted-inference web service (public keys and ciphertext only, bearer tokens)."""
     limits = ServiceLimits(max_clients=max_clients, keys_per_hospital=keys_per_hospital, key_idle_s=key_idle_s,
                            max_queue=max_queue)
+    store = (key_store or model.parent / "registered-keys") if keep_keys else None
     run_service(model, tokens=tokens, host=host, port=port, workers=workers, tls_cert=tls_cert, tls_key=tls_key,
-                insecure=insecure, limits=limits, progress=console.print)
+                insecure=insecure, limits=limits, progress=console.print, key_store=store)
 
 
 @he_app.command()
