@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 
 # The HE compiler's property test over 1,000 random models of the whole family (CI runs 200 smaller ones).
 he-family: $(STAMP)
-	PRIVRAD_FAMILY_EXAMPLES=1000 PRIVRAD_FAMILY_CHANNELS=24 PRIVRAD_FAMILY_SIDES=16,48 $(PY) -m pytest -q \
+	PRIVRAD_FAMILY_EXAMPLES=1000 PRIVRAD_FAMILY_STAGES=3 PRIVRAD_FAMILY_CHANNELS=24 PRIVRAD_FAMILY_SIDES=16,48 $(PY) -m pytest -q \
 		tests/he_inference/test_family.py --hypothesis-show-statistics
 
 lint: $(STAMP)
