@@ -32,6 +32,7 @@ from he_inference.passes.ir import Array, InputTransform, Shape
 from he_inference.passes.layout import Layout, pack_image
 from he_inference.passes.levels import LevelAssignment, assign_levels, plan_depth, register_depths
 from he_inference.passes.program import Instr, Kind, LayerSpan, Plan
+from he_inference.passes.rotkeys import key_switches_per_pass, step_switches
 
 __all__ = ["FORMAT", "VERSION", "ClientModel", "CompiledModel", "MetaKey", "derive_levels"]
 
@@ -71,8 +72,14 @@ class CompiledModel:
     calibrated_max: float
     meta: dict[str, Any] = field(default_factory=dict)   # see MetaKey: the client's preprocessing, the source, …
     blob: bytes | None = field(default=None, repr=False, compare=False)   # the file's bytes, when loaded from one
+    key_steps: tuple[int, ...] = ()   # the steps with a Galois key of their own (empty: every step of the plan)
 
     def __post_init__(self) -> None:
+        if not self.key_steps:
+            object.__setattr__(self, "key_steps", self.plan.steps)
+        bad = [s for s in self.plan.steps if step_switches(s, self.key_steps, self.plan.slots) is None]
+        if bad:
+            raise ValueError(f"`key_steps` cannot compose the plan's rotation steps {bad[:5]}")
         if len(self.levels.operand_level) != len(self.plan.instrs) or self.levels.top != self.params.depth:
             raise ValueError("`levels` must be the level assignment of `plan` on the chain of `params`")
         if len(self.stats) != len(self.plan.layers):
@@ -83,10 +90,15 @@ class CompiledModel:
     @classmethod
     def assemble(cls, params: CKKSParams, plan: Plan, *, image_shape: Shape, transform: InputTransform,
                  classes: tuple[str, ...], calibrated_max: float, meta: dict[str, Any] | None = None,
-                 blob: bytes | None = None) -> CompiledModel:
+                 blob: bytes | None = None, key_steps: tuple[int, ...] = ()) -> CompiledModel:
         """A model from its plan: levels and stats derived by their passes."""
         return cls(params, plan, derive_levels(plan, params), layer_stats(plan, register_depths(plan)), image_shape,
-                   transform, classes, calibrated_max, dict(meta or {}), blob)
+                   transform, classes, calibrated_max, dict(meta or {}), blob, tuple(key_steps))
+
+    @property
+    def key_switches(self) -> int:
+        """Key switches one encrypted forward pass spends (more than its rotations when steps share keys)."""
+        return key_switches_per_pass(self.plan, self.key_steps)
 
     @property
     def depth(self) -> int:
@@ -105,7 +117,7 @@ class CompiledModel:
     def client(self) -> ClientModel:
         """What a client needs to encrypt for this model and read its answer (no weights)."""
         return ClientModel(self.params, self.image_shape, self.transform, self.plan.input_layout, self.classes,
-                           dict(self.meta), self.digest, self.plan.steps)
+                           dict(self.meta), self.digest, self.key_steps)
 
     # -- the .he file ----------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -143,10 +155,14 @@ class CompiledModel:
         p = header["plan"]
         if (p["n_inputs"], tuple(p["steps"]), p["depth"]) != (plan.n_inputs, plan.steps, plan_depth(plan)):
             raise CiphertextError(f"{source}: the header's inputs, rotation steps or depth do not match its plan")
-        return cls.assemble(params, plan, image_shape=tuple(header["image_shape"]),
-                            transform=InputTransform(**header["transform"]), classes=tuple(header["classes"]),
-                            calibrated_max=float(header["calibrated_max"]), meta=dict(header.get("meta", {})),
-                            blob=bytes(data))
+        try:
+            key_steps = tuple(int(k) for k in p.get("key_steps", ()))
+            return cls.assemble(params, plan, image_shape=tuple(header["image_shape"]),
+                                transform=InputTransform(**header["transform"]), classes=tuple(header["classes"]),
+                                calibrated_max=float(header["calibrated_max"]), meta=dict(header.get("meta", {})),
+                                blob=bytes(data), key_steps=key_steps)
+        except (ValueError, TypeError) as exc:
+            raise CiphertextError(f"{source}: malformed model ({exc})") from exc
 
     @classmethod
     def load(cls, path: Path) -> CompiledModel:
@@ -172,6 +188,8 @@ def _serialise(model: CompiledModel) -> bytes:
             "stats": [asdict(s) for s in model.stats],
         },
     }
+    if model.key_steps != plan.steps:   # written only for a key budget: files without one are byte-identical
+        header["plan"]["key_steps"] = list(model.key_steps)   # type: ignore[index]
     buf = io.BytesIO()
     np.savez_compressed(
         buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),

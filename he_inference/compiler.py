@@ -29,6 +29,7 @@ from he_inference.passes.ir import Array, Network, Shape
 from he_inference.passes.layout import choose_packing
 from he_inference.passes.levels import plan_depth
 from he_inference.passes.lower import lower, zero_threshold
+from he_inference.passes.rotkeys import choose_key_steps
 from he_inference.passes.trace import trace
 
 __all__ = ["Calibration", "CompileOptions", "CompiledCheckpoint", "compile_checkpoint", "compile_model",
@@ -65,6 +66,7 @@ class CompileOptions:
     scale_bits: int = 40
     headroom_bits: int = 20
     range_margin: float = 4.0   # calibrated values may grow this much on unseen images
+    max_rotation_keys: int | None = None   # Galois keys the client makes (None: one per step, the fastest)
 
     def __post_init__(self) -> None:
         if self.scale_bits < 1 or self.headroom_bits < 1:
@@ -72,6 +74,8 @@ class CompileOptions:
                              f"{self.headroom_bits}")
         if not self.range_margin >= 1.0:
             raise ValueError(f"`range_margin` must be ≥ 1, got {self.range_margin}")
+        if self.max_rotation_keys is not None and self.max_rotation_keys < 1:
+            raise ValueError(f"`max_rotation_keys` must be ≥ 1, got {self.max_rotation_keys}")
 
 
 def compile_model(model: nn.Module | Network, *, options: CompileOptions | None = None,
@@ -90,7 +94,8 @@ def compile_model(model: nn.Module | Network, *, options: CompileOptions | None 
     DepthError
         The network is deeper than any 128-bit ring allows (depth needed vs available).
     HEError
-        Calibrated values would overflow the CKKS headroom.
+        Calibrated values would overflow the CKKS headroom, or ``max_rotation_keys`` is below
+        the fewest Galois keys the plan's rotations can be composed from.
     """
     options = options or CompileOptions()
     net = fold(model if isinstance(model, Network) else trace(model, image_shape=image_shape))
@@ -114,8 +119,13 @@ def compile_model(model: nn.Module | Network, *, options: CompileOptions | None 
         params = choose_params(plan_depth(plan), min_slots=n // 2, scale_bits=options.scale_bits,
                                headroom_bits=options.headroom_bits)
         if params.slots == n // 2:
+            try:
+                key_steps = choose_key_steps(plan, options.max_rotation_keys)
+            except ValueError as exc:
+                raise HEError(f"max_rotation_keys: {exc}") from exc
             return CompiledModel.assemble(params, plan, image_shape=net.image_shape, transform=net.transform,
-                                          classes=net.classes, calibrated_max=max(ranges), meta=meta)
+                                          classes=net.classes, calibrated_max=max(ranges), meta=meta,
+                                          key_steps=key_steps)
     assert last is not None
     raise last
 

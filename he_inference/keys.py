@@ -27,6 +27,7 @@ import tenseal.sealapi as seal
 from federation.errors import CiphertextError, KeyMaterialError
 from federation.storage import atomic_write_bytes
 from he_inference.ckks import CKKSParams, make_context
+from he_inference.passes.rotkeys import naf
 from he_inference.serial import MAGIC, ContainerKind, pack, seal_load, seal_to_bytes, unpack
 
 __all__ = [
@@ -50,18 +51,6 @@ def galois_elements(steps: Sequence[int], poly_degree: int) -> list[int]:
     return sorted({pow(3, int(s) % slots, m) for s in steps})
 
 
-def naf(value: int) -> list[int]:
-    """The non-adjacent form of ``value`` as SEAL computes it (``util/numth.h``): signed powers of two, low first."""
-    out, sign, v, i = [], -1 if value < 0 else 1, abs(value), 0
-    while v:
-        z = 2 - (v & 3) if v & 1 else 0
-        v = (v - z) >> 1
-        if z:
-            out.append(sign * z * (1 << i))
-        i += 1
-    return out
-
-
 def key_switches(step: int, elements: Collection[int], poly_degree: int) -> int | None:
     """Key switches SEAL's ``rotate_vector`` spends on ``step`` with Galois keys for ``elements``; None: it cannot.
 
@@ -78,7 +67,7 @@ def key_switches(step: int, elements: Collection[int], poly_degree: int) -> int 
     terms = [t for t in naf(step) if abs(t) != slots]
     if len(naf(step)) == 1 or any(galois_elements([t], poly_degree)[0] not in have for t in terms):
         return None
-    return len(terms)
+    return len(terms)   # the same count as passes.rotkeys.step_switches, from the keys as SEAL holds them
 
 
 def power_of_two_steps(poly_degree: int) -> list[int]:

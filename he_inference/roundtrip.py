@@ -89,7 +89,7 @@ def measure(model: CompiledModel, torch_model: nn.Module, images: Array, *, work
             say: Callable[[str], None]) -> Measurement:
     """Generate a client's keys (timed), classify ``images`` in plaintext and under encryption."""
     t0 = time.perf_counter()
-    keys = SecretKeys.generate(model.params, model.plan.steps)
+    keys = SecretKeys.generate(model.params, model.key_steps)
     keygen_s = time.perf_counter() - t0
     with torch.no_grad():
         reference = torch_model(torch.as_tensor(images, dtype=torch.float32)).double().numpy()

@@ -415,7 +415,7 @@ def create_app(model_path: Path, *, tokens: Path, workers: int = 2, limits: Serv
     limits = limits or ServiceLimits()
     token_file = TokenFile(tokens)
     model = CompiledModel.load(Path(model_path))
-    n_galois = len(galois_elements(model.plan.steps, model.params.poly_degree))
+    n_galois = len(galois_elements(model.key_steps, model.params.poly_degree))
     bounds = wire_bounds(model.params, n_galois=n_galois, n_inputs=model.plan.n_inputs)
     key_memory = key_memory_bound(model.params, n_galois=n_galois, workers=workers, max_clients=limits.max_clients,
                                   max_key_uploads=limits.max_key_uploads)

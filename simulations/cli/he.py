@@ -20,7 +20,7 @@ from he_inference.artifact import CompiledModel, MetaKey
 from he_inference.bench import run_bench
 from he_inference.check import he_check
 from he_inference.client import TOKEN_ENV, ServiceClient, encrypt_image, load_token, prediction
-from he_inference.compiler import compile_checkpoint, load_calibration
+from he_inference.compiler import CompileOptions, compile_checkpoint, load_calibration
 from he_inference.images import read_image
 from he_inference.keys import PublicKeys, SecretKeys
 from he_inference.passes.program import Kind
@@ -58,6 +58,9 @@ def compile_(
                                                                   "ranges go into model.he, which the server "
                                                                   "receives); prints a warning.")] = None,
     n_calibration: Annotated[int, typer.Option(help="How many calibration images to use.")] = 64,
+    max_rotation_keys: Annotated[int | None, typer.Option(help="Galois keys the client makes at most (fewer key "
+                                                                "bytes to upload, more key switches per image); "
+                                                                "default: one per rotation step.")] = None,
 ) -> None:
     """Fold, range-check, pick CKKS parameters and plan the packing; save a self-contained .he file.
 
@@ -80,12 +83,14 @@ def compile_(
                           f"{len(calib.images)} of {folder}'s own images; whoever receives model.he (the inference "
                           "server) learns those statistics")
     t0 = time.perf_counter()
-    compiled = compile_checkpoint(model, checkpoint=ckpt, calibration=calib).compiled
+    compiled = compile_checkpoint(model, checkpoint=ckpt, calibration=calib,
+                                  options=CompileOptions(max_rotation_keys=max_rotation_keys)).compiled
     digest = compiled.save(out)
     p = compiled.params
     out_console.print(f"{out}: N={p.poly_degree}, moduli {list(p.coeff_bits)} bits, scale 2^{p.scale_bits}, "
                       f"depth {compiled.depth}, {compiled.plan.n_inputs} input ciphertexts, "
-                      f"{len(compiled.plan.steps)} rotation steps, {len(compiled.plan.masks)} plaintext masks "
+                      f"{len(compiled.plan.steps)} rotation steps on {len(compiled.key_steps)} Galois keys "
+                      f"({compiled.key_switches} key switches per image), {len(compiled.plan.masks)} plaintext masks "
                       f"({time.perf_counter() - t0:.1f} s); sha256 {digest[:16]}…")
 
 
@@ -97,10 +102,10 @@ def keygen(
     """Client: a secret key and the evaluation keys this model needs (relinearisation + its rotations)."""
     m = CompiledModel.load(model)
     t0 = time.perf_counter()
-    keys = SecretKeys.generate(m.params, m.plan.steps)
+    keys = SecretKeys.generate(m.params, m.key_steps)
     spath, ppath = keys.save(out)
     out_console.print(f"secret key → {spath} (mode 600, never leaves this machine); evaluation keys → {ppath} "
-                      f"({ppath.stat().st_size / 1e6:.1f} MB, {len(m.plan.steps)} rotations) "
+                      f"({ppath.stat().st_size / 1e6:.1f} MB, {len(m.key_steps)} Galois keys) "
                       f"in {time.perf_counter() - t0:.1f} s")
 
 

@@ -11,8 +11,9 @@ import torch
 from federation.errors import DepthError, HEError
 from federation.model import ArchConfig, HeadKind, build_model
 from federation.storage import save_checkpoint
+from he_inference.artifact import CompiledModel
 from he_inference.client import decrypt_logits, encrypt_image
-from he_inference.compiler import Calibration, compile_checkpoint, compile_model
+from he_inference.compiler import Calibration, CompileOptions, compile_checkpoint, compile_model
 from he_inference.keys import SecretKeys
 from he_inference.passes.interpret import run_plain
 from he_inference.passes.trace import trace
@@ -76,3 +77,25 @@ def test_a_checkpoint_compiles_with_its_preprocessing_and_says_what_calibrated_i
     assert calibrated.compiled.meta["source_sha256"] == default.checkpoint.sha256
     assert calibrated.compiled.classes == ("a", "b", "c")
     assert calibrated.compiled.plan.instrs == default.compiled.plan.instrs
+
+
+def test_a_rotation_key_budget_gives_fewer_keys_and_the_same_encrypted_answer() -> None:
+    make, shape = CASES[0].values
+    net = trace(make(), image_shape=shape)
+    x = images(shape, 1)
+    full = compile_model(net, calibration=x)
+    budget = len(full.plan.steps) - 3
+    model = compile_model(net, calibration=x, options=CompileOptions(max_rotation_keys=budget))
+    keys = SecretKeys.generate(model.params, model.key_steps)
+
+    with InferenceServer(model, keys.public()) as server:
+        reply, _ = server.infer(encrypt_image(model, keys, x[0]))
+
+    got, ref = decrypt_logits(model, keys, reply), run_plain(net, x)[0]
+    np.testing.assert_allclose(got, ref, atol=HE_REL_TOL * np.abs(ref).max(), rtol=0)
+    assert len(model.key_steps) <= budget < len(full.key_steps)
+    assert model.plan.steps == full.plan.steps
+    assert model.key_switches > full.key_switches
+    assert len(keys.public().elements) == len(model.key_steps)
+    assert CompiledModel.from_bytes(model.to_bytes()).key_steps == model.key_steps
+    assert model.client().steps == model.key_steps   # what a client served GET /model makes keys for
