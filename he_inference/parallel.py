@@ -60,6 +60,7 @@ from he_inference.engine import Engine, LayerTiming
 from he_inference.keys import PublicKeys, load_upload, require_keys_for
 from he_inference.passes.cost import TRANSFER_COST, instr_cost
 from he_inference.passes.program import Kind, Plan
+from he_inference.passes.rotkeys import step_switches
 from he_inference.serial import SCRATCH_DIR, ContainerKind, pack
 
 __all__ = ["START_TIMEOUT_S", "ParallelEngine", "PoolHealth", "PoolState", "WorkerMessage", "WorkerTask", "schedule"]
@@ -357,7 +358,9 @@ class ParallelEngine:
         self.workers, self.start_timeout = workers, float(start_timeout)
         self.model_path = str(model_path)
         plan, levels = model.plan, model.levels
-        self.tasks = schedule(plan, workers, lambda i: instr_cost(plan, i, levels.operand_level[i], levels.top))
+        switches = {s: step_switches(s, model.key_steps, plan.slots) or 1 for s in plan.steps}
+        self.tasks = schedule(plan, workers, lambda i: instr_cost(plan, i, levels.operand_level[i], levels.top,
+                                                                  switches=switches.get(plan.instrs[i].step, 1)))
         self._context = make_context(model.params)   # the coordinator's own, to validate uploads
         self._lock = threading.RLock()
         self._keys: dict[str, bytes] = {}      # every registered key set, to hand a respawned worker

@@ -64,10 +64,16 @@ def layer_stats(plan: Plan, depths: Sequence[int]) -> tuple[LayerStats, ...]:
     return tuple(out)
 
 
-def instr_cost(plan: Plan, idx: int, level: int, top: int) -> float:
-    """Estimated cost of instruction ``idx`` at ``level`` of a chain whose top level is ``top``."""
+def instr_cost(plan: Plan, idx: int, level: int, top: int, *, switches: int = 1) -> float:
+    """Estimated cost of instruction ``idx`` at ``level`` of a chain whose top level is ``top``.
+
+    ``switches``: the key switches of a rotation (more than one when its step has no key of
+    its own: :func:`~.rotkeys.step_switches`).
+    """
     ins = plan.instrs[idx]
-    if ins.kind is Kind.MULACC:
+    if ins.kind is Kind.ROT:
+        base = ROTATION_COST * switches
+    elif ins.kind is Kind.MULACC:
         base = 1.4 * len(ins.srcs) + 4.0
     elif ins.kind is Kind.ADD:
         base = 0.4 * (len(ins.srcs) - 1)
