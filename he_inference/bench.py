@@ -173,7 +173,7 @@ def run_bench(*, size: int, model_path: Path | None = None, runs: int = 3, worke
     measured = measure(compiled, model, np.repeat(image[None], runs, axis=0), workers=workers, say=say)
     run, ref = measured.run, measured.reference[0]
     last = run.trips[-1]
-    layers = layer_table([t.layers for t in run.trips])
+    layers = layer_table([t.layers for t in run.trips], compiled)
     base = ratio_first = ratio_classifier = None
     if baseline:
         say("TenSEAL high-level API baseline on the layers it can express …")

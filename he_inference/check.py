@@ -153,7 +153,7 @@ def he_check(model_path: Path, data: Path, *, n: int = 50, workers: int = 2,
         auc_macro_he=classification_metrics(softmax(he_logits), labels, classes).auc_macro,
         ckks=CkksSummary.of(model), compile_s=compile_s, keygen_s=measured.keygen_seconds,
         server_startup_s=measured.run.startup_seconds,
-        layers=layer_table([t.layers for t in trips]))
+        layers=layer_table([t.layers for t in trips], model))
     if report.argmax_agreement < 1.0:
         log.warning("HE and plaintext disagree on %d of %d images", round((1 - report.argmax_agreement) * n), n)
         say("warning: HE and plaintext disagree on some image")

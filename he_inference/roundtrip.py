@@ -23,6 +23,7 @@ from he_inference.engine import LayerTiming
 from he_inference.keys import SecretKeys
 from he_inference.passes.ir import Array
 from he_inference.passes.program import Kind
+from he_inference.passes.rotkeys import layer_key_switches
 from he_inference.server import InferenceServer
 
 __all__ = ["LayerRow", "Measurement", "RoundTrip", "RoundTrips", "layer_table", "measure", "round_trips"]
@@ -103,6 +104,7 @@ class LayerRow:
     layer: str
     seconds_median: float
     counts: Mapping[Kind, int] = field(default_factory=dict)
+    key_switches: int = 0   # the rotations' key switches (composed ones count each) and relinearisations
 
     def count(self, kind: Kind) -> int:
         """How many operations of ``kind`` the layer does (a masked product counts its masks)."""
@@ -111,10 +113,12 @@ class LayerRow:
     def to_dict(self) -> dict[str, Any]:
         """JSON form: ``layer``, ``seconds_median``, then one key per instruction kind."""
         return {"layer": self.layer, "seconds_median": self.seconds_median,
-                **{str(k): int(v) for k, v in self.counts.items()}}
+                **{str(k): int(v) for k, v in self.counts.items()}, "key_switches": self.key_switches}
 
 
-def layer_table(timings: Sequence[Sequence[LayerTiming]]) -> tuple[LayerRow, ...]:
-    """Median seconds and the operation counts per layer over several runs."""
-    return tuple(LayerRow(first.name, statistics.median(t[n].seconds for t in timings), dict(first.counts))
-                 for n, first in enumerate(timings[0]))
+def layer_table(timings: Sequence[Sequence[LayerTiming]], model: CompiledModel | None = None
+                ) -> tuple[LayerRow, ...]:
+    """Median seconds and the operation counts per layer over several runs (key switches from ``model``'s plan)."""
+    switches = layer_key_switches(model.plan, model.key_steps) if model is not None else (0,) * len(timings[0])
+    return tuple(LayerRow(first.name, statistics.median(t[n].seconds for t in timings), dict(first.counts),
+                          switches[n]) for n, first in enumerate(timings[0]))

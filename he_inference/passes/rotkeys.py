@@ -17,7 +17,7 @@ from collections.abc import Collection
 
 from he_inference.passes.program import Kind, Plan
 
-__all__ = ["choose_key_steps", "key_switches_per_pass", "naf", "step_switches"]
+__all__ = ["choose_key_steps", "key_switches_per_pass", "layer_key_switches", "naf", "step_switches"]
 
 
 def naf(value: int) -> list[int]:
@@ -69,6 +69,24 @@ def key_switches_per_pass(plan: Plan, key_steps: Collection[int]) -> int:
             raise ValueError(f"rotation step {step} cannot be composed from the key steps {sorted(key_steps)}")
         total += n * k
     return total
+
+
+def layer_key_switches(plan: Plan, key_steps: Collection[int]) -> tuple[int, ...]:
+    """Key switches of each layer: its rotations' (through ``key_steps``) and one relinearisation per product."""
+    per = {s: step_switches(s, key_steps, plan.slots) for s in plan.steps}
+    out = []
+    for _, start, end in plan.layers:
+        n = 0
+        for ins in plan.instrs[start:end]:
+            if ins.kind is Kind.ROT:
+                k = per[ins.step]
+                if k is None:
+                    raise ValueError(f"rotation step {ins.step} cannot be composed from the key steps")
+                n += k
+            elif ins.kind in (Kind.SQUARE, Kind.MUL):
+                n += 1
+        out.append(n)
+    return tuple(out)
 
 
 def choose_key_steps(plan: Plan, max_keys: int | None) -> tuple[int, ...]:

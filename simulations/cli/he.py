@@ -39,11 +39,11 @@ he_app = typer.Typer(help="CKKS encrypted inference: the hospital keeps the secr
 
 
 def _print_layers(rows: Sequence[LayerRow], total: float, title: str) -> None:
-    table = Table("layer", "seconds", "rotations", "plain mults", "ct mults", title=title)
+    table = Table("layer", "seconds", "rotations", "key switches", "plain mults", "ct mults", title=title)
     for r in rows:
-        table.add_row(r.layer, f"{r.seconds_median:.3f}", str(r.count(Kind.ROT)), str(r.count(Kind.MULACC)),
-                      str(r.count(Kind.SQUARE) + r.count(Kind.MUL)))
-    table.add_row("[bold]total", f"[bold]{total:.3f}", "", "", "")
+        table.add_row(r.layer, f"{r.seconds_median:.3f}", str(r.count(Kind.ROT)), str(r.key_switches),
+                      str(r.count(Kind.MULACC)), str(r.count(Kind.SQUARE) + r.count(Kind.MUL)))
+    table.add_row("[bold]total", f"[bold]{total:.3f}", "", "", "", "")
     out_console.print(table)
 
 
@@ -146,7 +146,7 @@ def infer(
                                       progress=lambda name, k, n: bar.update(task, completed=k, layer=name))
         total = time.perf_counter() - t0
     atomic_write_bytes(out, reply)
-    _print_layers(layer_table([timings]), total, f"encrypted inference, {workers} worker(s)")
+    _print_layers(layer_table([timings], m), total, f"encrypted inference, {workers} worker(s)")
     out_console.print(f"→ {out} ({len(reply) / 1e6:.2f} MB)")
 
 

@@ -11,7 +11,7 @@ from he_inference.passes.interpret import value_ranges
 from he_inference.passes.layout import choose_packing
 from he_inference.passes.lower import lower
 from he_inference.passes.program import Kind, Plan
-from he_inference.passes.rotkeys import choose_key_steps, key_switches_per_pass, naf, step_switches
+from he_inference.passes.rotkeys import choose_key_steps, key_switches_per_pass, layer_key_switches, naf, step_switches
 from he_inference.passes.trace import trace
 from tests.he_inference.models import CASES, images
 
@@ -61,3 +61,13 @@ def test_a_budget_below_the_naf_terms_is_refused_with_the_minimum() -> None:
     plan = _plan(0)
     with pytest.raises(ValueError, match=r"need at least \d+ Galois keys .* 1 allowed"):
         choose_key_steps(plan, 1)
+
+
+def test_per_layer_key_switches_add_up_to_the_pass_and_its_relinearisations() -> None:
+    plan = _plan(2)
+    products = sum(1 for i in plan.instrs if i.kind in (Kind.SQUARE, Kind.MUL))
+    for budget in (None, len(plan.steps) - 2):
+        keys = choose_key_steps(plan, budget)
+        per_layer = layer_key_switches(plan, keys)
+        assert len(per_layer) == len(plan.layers)
+        assert sum(per_layer) == key_switches_per_pass(plan, keys) + products
