@@ -3,7 +3,7 @@
 Both share one topology so the accuracy cost of each substitution is visible::
 
     stage k (k = 1..len(channels)):  conv3x3 → norm → act → pool/2
-    optional residual unit after the last stage:  x + act(norm(conv3x3(x)))
+    optional residual units after the last stage:  x + (act(norm(conv3x3(·))))^r (x)
     head:  global average pool → linear   (or flatten → linear)
 
 =============  ===========================  ==========================================
@@ -87,7 +87,11 @@ class ArchConfig:
     num_classes
         Number of output logits.
     residual
-        Add an identity residual unit after the last stage.
+        Add identity residual units after the last stage.
+    res_blocks, res_convs
+        With ``residual``: how many residual units, and how many ``conv3x3 → act`` pairs
+        each body holds (``2``, ``2`` with three stages and a patchify stem is the Asan-like
+        ResNet: eight convolutions).
     degree
         Degree of the Approx-CNN's polynomial activation (2 to 4).
     act_bound
@@ -130,6 +134,8 @@ class ArchConfig:
     channels: tuple[int, ...] = (16, 32, 64)
     num_classes: int = len(CLASSES)
     residual: bool = False
+    res_blocks: int = 1
+    res_convs: int = 1
     degree: int = 2
     act_bound: float = 0.5
     norm: NormKind = NormKind.WS
@@ -157,6 +163,9 @@ class ArchConfig:
             )
         if self.num_classes < 2:
             raise ConfigError(f"`num_classes` must be at least 2, got {self.num_classes}")
+        if self.res_blocks < 1 or not 1 <= self.res_convs <= 3:
+            raise ConfigError(f"`res_blocks` must be ≥ 1 and `res_convs` 1 to 3, got {self.res_blocks} and "
+                              f"{self.res_convs}")
         if not 2 <= self.degree <= 4:
             raise ConfigError(f"`degree` must be 2, 3 or 4, got {self.degree}")
         if self.act_bound <= 0:
@@ -309,7 +318,9 @@ class PrivradCNN(nn.Module):
             stages.append(nn.Sequential(*_conv_unit(cin, cout, cfg, stem=cfg.stem if n == 0 else 1), pool))
             cin = cout
         if cfg.residual:
-            stages.append(Residual(nn.Sequential(*_conv_unit(cin, cin, cfg))))
+            for _ in range(cfg.res_blocks):
+                stages.append(Residual(nn.Sequential(*[m for _ in range(cfg.res_convs)
+                                                       for m in _conv_unit(cin, cin, cfg)])))
         self.adapt: nn.Module = BlockAdapt(cfg.adapt_block) if cfg.adapt_block > 1 else nn.Identity()
         self.features = nn.Sequential(*stages)
         side = cfg.input_size // cfg.stem // 2 ** len(cfg.channels)

@@ -103,6 +103,9 @@ def train(
     head: Annotated[str, typer.Option(help="Head: flatten (chosen on val/) or gap (global average pool).")
                     ] = "flatten",
     stem: Annotated[int, typer.Option(help="Patchify stem factor (4 for 256×256 slices; 1 = none).")] = 1,
+    channels: Annotated[str, typer.Option(help="Output channels of each stage, comma-separated.")] = "16,32,64",
+    residual_blocks: Annotated[int, typer.Option(help="Residual units after the last stage (0 = none).")] = 0,
+    residual_convs: Annotated[int, typer.Option(help="conv3x3 → activation pairs in each residual body.")] = 1,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable files (reported) instead of stopping.")] = False,
     pacs: PacsOptions.URL = "",
     pacs_labels: PacsOptions.LABELS = None,
@@ -114,7 +117,13 @@ def train(
     With ``--pacs`` the training slices come from a PACS (DICOMweb), cached in ``--data``.
     """
     pull_from_options(data, pacs, pacs_labels, pacs_study, pacs_series)
-    arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head), stem=stem)
+    try:
+        widths = tuple(int(c) for c in channels.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"give integers separated by commas, got {channels!r}",
+                                 param_hint="--channels") from None
+    arch = ArchConfig(kind=model, input_size=size, head=HeadKind(head), stem=stem, channels=widths,
+                      residual=residual_blocks > 0, res_blocks=max(1, residual_blocks), res_convs=residual_convs)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr or default_lr(model), seed=seed)
     with progress_bar("info") as bar:
         task = bar.add_task(f"train {model}", total=epochs, info="")

@@ -126,3 +126,19 @@ def test_architecture_round_trips_through_a_dict() -> None:
     cfg = ArchConfig(kind=ModelKind.REF, channels=(4, 8), input_size=32, residual=True)
 
     assert ArchConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_residual_blocks_and_convs_build_the_asan_like_resnet_and_round_trip_in_a_checkpoint_config() -> None:
+    cfg = ArchConfig(input_size=256, stem=4, head=HeadKind.FLATTEN, residual=True, res_blocks=2, res_convs=2)
+    model = build_model(cfg, seed=0).eval()
+    convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    units = [m for m in model.modules() if isinstance(m, Residual)]
+
+    assert len(convs) == 7
+    assert len(units) == 2
+    assert all(sum(isinstance(m, WSConv2d) for m in u.modules()) == 2 for u in units)
+    assert model(torch.rand(2, 1, 256, 256)).shape == (2, 3)
+    assert ArchConfig.from_dict(cfg.to_dict()) == cfg
+    assert ArchConfig.from_dict({k: v for k, v in cfg.to_dict().items() if not k.startswith("res_")}).res_blocks == 1
+    with pytest.raises(ConfigError, match="`res_blocks` must be ≥ 1 and `res_convs` 1 to 3"):
+        ArchConfig(residual=True, res_convs=4)

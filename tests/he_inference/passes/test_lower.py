@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from federation.errors import UnsupportedLayerError
+from federation.model import ArchConfig, build_model
 from he_inference.passes.fold import fold
 from he_inference.passes.interpret import SlotSimulator, run_plain, value_ranges
 from he_inference.passes.ir import Conv, Network
@@ -15,7 +16,7 @@ from he_inference.passes.layout import choose_packing
 from he_inference.passes.lower import lower, zero_threshold
 from he_inference.passes.program import Kind, Plan
 from he_inference.passes.trace import trace
-from tests.he_inference.models import CASES, custom, images
+from tests.he_inference.models import CASES, custom, images, perturbed
 
 SIM_TOL = 1e-9          # the slot simulator is exact up to float64 rounding
 SLOTS = 8192
@@ -126,3 +127,17 @@ def test_the_zero_plaintext_threshold_is_where_encoding_can_first_round_to_zero(
     assert not zero(one_slot)                       # at the threshold: never zero (the sparsest mask)
     one_slot[7] = tol / 1e4
     assert zero(one_slot)                           # far below it: a zero plaintext, which SEAL refuses to multiply
+
+
+def test_two_residual_units_of_two_convolutions_lower_to_a_plan_that_equals_the_network() -> None:
+    model = perturbed(build_model(ArchConfig(input_size=16, channels=(3, 5), head="flatten", residual=True,
+                                             res_blocks=2, res_convs=2), seed=3), 3)
+    net = fold(trace(model))
+    x = images((1, 16, 16))
+    plan = _plan(net, x)
+
+    got = SlotSimulator(plan).run(plan.input_layout.pack(net.transform.apply(x[:1])[0], SLOTS))
+
+    ref = run_plain(net, x[:1])[0]
+    np.testing.assert_allclose(got, ref, atol=SIM_TOL * max(1.0, np.abs(ref).max()), rtol=0)
+    assert sum(name.endswith(".body.2") for name, _, _ in plan.layers) == 2   # each body's second conv
