@@ -95,6 +95,12 @@ class CompiledModel:
         return cls(params, plan, derive_levels(plan, params), layer_stats(plan, register_depths(plan)), image_shape,
                    transform, classes, calibrated_max, dict(meta or {}), blob, tuple(key_steps))
 
+    @cached_property
+    def plaintext_bytes(self) -> int:
+        """Memory the engine's encoded plaintexts take: N 8-byte words per prime of each one's level."""
+        n = self.params.poly_degree
+        return sum(8 * n * (level + 1) for masks in self.levels.mask_at for level, _ in masks)
+
     @property
     def key_switches(self) -> int:
         """Key switches one encrypted forward pass spends (more than its rotations when steps share keys)."""

@@ -15,9 +15,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 import tenseal.sealapi as seal
 
-from federation.errors import CiphertextError, KeyMaterialError
+from federation.errors import CiphertextError, HEError, KeyMaterialError
 from he_inference.artifact import CompiledModel
 from he_inference.ckks import make_context
 from he_inference.keys import PublicKeys, require_keys_for, require_public
@@ -27,6 +28,7 @@ __all__ = ["Engine", "LayerTiming"]
 
 log = logging.getLogger(__name__)
 SEAL_ERRORS = (ValueError, RuntimeError, TypeError, IndexError, OverflowError)   # what tenseal.sealapi raises
+PLAINTEXT_MEMORY_SHARE = 0.8   # the encoded plaintexts may take this share of the memory available at start
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,16 @@ class Engine:
         self.evaluator = seal.Evaluator(self.ctx)
         self.encoder = seal.CKKSEncoder(self.ctx)
         self._parms_ids = self._chain()
+        todo = range(len(self.plan.instrs)) if instrs is None else sorted(instrs)
+        need = model.plaintext_bytes if instrs is None else sum(
+            8 * self.params.poly_degree * (level + 1) for i in todo for level, _ in self.levels.mask_at[i])
+        room = psutil.virtual_memory().available
+        if need > PLAINTEXT_MEMORY_SHARE * room:
+            raise HEError(f"encoding this model's plaintexts takes {need / 2**30:.1f} GiB and this machine has "
+                          f"{room / 2**30:.1f} GiB available: compile a smaller model (fewer channels per layer "
+                          "or a smaller input)")
         start = time.perf_counter()
         self._plain: dict[tuple[int, int], seal.Plaintext] = {}
-        todo = range(len(self.plan.instrs)) if instrs is None else sorted(instrs)
         for n, idx in enumerate(todo):
             ins = self.plan.instrs[idx]
             for pos, m in enumerate(ins.masks):

@@ -17,8 +17,10 @@ from torch import nn
 
 from federation.errors import CiphertextError, HEError, KeyMaterialError
 from federation.model import PolyAct
+from he_inference import engine as engine_module
 from he_inference.client import decrypt_logits, encrypt_image
 from he_inference.compiler import compile_model
+from he_inference.engine import Engine
 from he_inference.keys import PublicKeys, SecretKeys
 from he_inference.passes.interpret import run_plain
 from he_inference.server import InferenceServer
@@ -107,3 +109,18 @@ def test_health_reports_the_pool_and_is_503_once_no_worker_can_run(tmp_path: Pat
     assert down[1]["status"] == "degraded"
     assert down[1]["pool"]["alive"] == 0
     assert down[1]["pool"]["state"] == "degraded"
+
+
+def test_a_model_whose_plaintexts_exceed_the_free_memory_is_refused_with_the_figures(
+        compiled: Compiled, monkeypatch: pytest.MonkeyPatch) -> None:
+    free = compiled.model.plaintext_bytes // 2
+
+    class Tight:
+        available = free
+
+    encoded = Engine(compiled.model)   # what SEAL holds: 8 bytes per coefficient of every encoded plaintext
+    assert compiled.model.plaintext_bytes == sum(8 * pt.coeff_count() for pt in encoded._plain.values())
+
+    monkeypatch.setattr(engine_module.psutil, "virtual_memory", lambda: Tight())
+    with pytest.raises(HEError, match=r"plaintexts takes [\d.]+ GiB and this machine has [\d.]+ GiB available"):
+        Engine(compiled.model)
