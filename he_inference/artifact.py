@@ -17,6 +17,7 @@ import enum
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -98,8 +99,12 @@ class CompiledModel:
     @cached_property
     def plaintext_bytes(self) -> int:
         """Memory the engine's encoded plaintexts take: N 8-byte words per prime of each one's level."""
+        return self.plaintext_bytes_of(range(len(self.plan.instrs)))
+
+    def plaintext_bytes_of(self, instrs: Iterable[int]) -> int:
+        """:attr:`plaintext_bytes` of the instructions ``instrs`` only (one worker's share)."""
         n = self.params.poly_degree
-        return sum(8 * n * (level + 1) for masks in self.levels.mask_at for level, _ in masks)
+        return sum(8 * n * (level + 1) for i in instrs for level, _ in self.levels.mask_at[i])
 
     @property
     def key_switches(self) -> int:

@@ -57,8 +57,7 @@ class Engine:
         self.encoder = seal.CKKSEncoder(self.ctx)
         self._parms_ids = self._chain()
         todo = range(len(self.plan.instrs)) if instrs is None else sorted(instrs)
-        need = model.plaintext_bytes if instrs is None else sum(
-            8 * self.params.poly_degree * (level + 1) for i in todo for level, _ in self.levels.mask_at[i])
+        need = model.plaintext_bytes if instrs is None else model.plaintext_bytes_of(todo)
         room = psutil.virtual_memory().available
         if need > PLAINTEXT_MEMORY_SHARE * room:
             raise HEError(f"encoding this model's plaintexts takes {need / 2**30:.1f} GiB and this machine has "
