@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from federation.errors import ConfigError
-from federation.model import ArchConfig, HeadKind
+from federation.model import ActInit, ArchConfig, HeadKind
 
 __all__ = ["RunConfig", "StrategyKind", "parse_flat"]
 
@@ -109,6 +109,8 @@ class RunConfig:
     aug_mult: int = 1
     image_size: int = 64
     head: str = "flatten"
+    act_init: str = "relu"
+    conv_gain: float = 1.0
     data_dir: str = ""
     test_dir: str = ""
     val_dir: str = ""
@@ -149,7 +151,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", StrategyKind(self.strategy))
         positive = ("num_server_rounds", "local_epochs", "batch_size", "pretrain_batch_size", "learning_rate",
-                    "image_size", "max_grad_norm", "epsilon_budget", "secagg_threshold",
+                    "image_size", "conv_gain", "max_grad_norm", "epsilon_budget", "secagg_threshold",
                     "secagg_timeout", "secagg_max_weight", "secagg_clipping_range", "central_clipping_norm",
                     "central_epsilon_budget")
         for name in positive:
@@ -181,7 +183,8 @@ class RunConfig:
 
     def arch(self) -> ArchConfig:
         """The Approx-CNN architecture every party builds."""
-        return ArchConfig(input_size=self.image_size, head=HeadKind(self.head))
+        return ArchConfig(input_size=self.image_size, head=HeadKind(self.head), act_init=ActInit(self.act_init),
+                          conv_gain=self.conv_gain)
 
     def to_flower(self) -> dict[str, Any]:
         """Flat ``-`` separated form (Flower run-config values: bool, int, float, str)."""

@@ -35,6 +35,7 @@ from federation.errors import ConfigError
 
 __all__ = [
     "CLASSES",
+    "ActInit",
     "ArchConfig",
     "HeadKind",
     "ModelKind",
@@ -63,6 +64,13 @@ class HeadKind(enum.StrEnum):
 
     FLATTEN = "flatten"
     GAP = "gap"
+
+
+class ActInit(enum.StrEnum):
+    """Starting polynomial of a learnable activation."""
+
+    RELU = "relu"
+    IDENTITY = "identity"
 
 
 class NormKind(enum.StrEnum):
@@ -114,6 +122,15 @@ class ArchConfig:
         Learn the activation coefficients per channel, initialised to the ReLU fit (chosen
         on the validation split: val macro-AUC 0.986 learnable vs 0.980 fixed, flatten head,
         30 epochs).
+    act_init
+        Starting polynomial of a learnable activation: ``relu`` (the ReLU fit above) or
+        ``identity`` (``x``: the network starts linear and learns its curvature). Chosen on the
+        validation split (one 4,000-slice site from scratch, DP-SGD ε = 8 over 10 epochs at
+        batch 256: val macro-AUC 0.619 with ``relu``, 0.798 with ``identity``, 0.815 with
+        ``identity`` and ``conv_gain`` 2). With ``relu`` the signal fades with depth: the fit's
+        slope at 0 is 0.5 and its ``x²`` term compounds when the gain is raised.
+    conv_gain
+        Initial gain of every weight-standardised convolution (learned from there).
     adapt_block
         ``b > 1``: a block-adaptation layer first (:class:`BlockAdapt`): a linear map of each
         ``b × b`` block of pixels onto itself, from a small random start. It can undo the
@@ -141,6 +158,8 @@ class ArchConfig:
     norm: NormKind = NormKind.WS
     learnable_act: bool = True
     head: HeadKind = HeadKind.GAP
+    act_init: ActInit = ActInit.RELU
+    conv_gain: float = 1.0
     stem: int = 1
     adapt_block: int = 1
 
@@ -148,6 +167,7 @@ class ArchConfig:
         object.__setattr__(self, "kind", ModelKind(self.kind))
         object.__setattr__(self, "norm", NormKind(self.norm))
         object.__setattr__(self, "head", HeadKind(self.head))
+        object.__setattr__(self, "act_init", ActInit(self.act_init))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if not self.channels or any(c < 1 for c in self.channels):
             raise ConfigError(f"`channels` must be positive integers, got {self.channels}")
@@ -170,11 +190,17 @@ class ArchConfig:
             raise ConfigError(f"`degree` must be 2, 3 or 4, got {self.degree}")
         if self.act_bound <= 0:
             raise ConfigError(f"`act_bound` must be positive, got {self.act_bound}")
+        if not self.conv_gain > 0:
+            raise ConfigError(f"`conv_gain` must be positive, got {self.conv_gain}")
+        if self.act_init is ActInit.IDENTITY and not self.learnable_act and self.kind is ModelKind.APPROX:
+            raise ConfigError("`act_init` identity needs `learnable_act`: a fixed identity activation "
+                              "leaves the network linear")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-types form, for checkpoints and JSON."""
         d = dataclasses.asdict(self)
         d["kind"], d["norm"], d["head"] = str(self.kind), str(self.norm), str(self.head)
+        d["act_init"] = str(self.act_init)
         d["channels"] = list(self.channels)
         return d
 
@@ -208,11 +234,16 @@ class PolyAct(nn.Module):
 
     coefficients: torch.Tensor
 
-    def __init__(self, degree: int = 2, bound: float = 0.5, *, channels: int | None = None) -> None:
+    def __init__(self, degree: int = 2, bound: float = 0.5, *, channels: int | None = None,
+                 init: ActInit = ActInit.RELU) -> None:
         super().__init__()
         self.degree = degree
         self.bound = bound
-        coef = torch.tensor(relu_poly_coefficients(degree, bound), dtype=torch.float32)
+        if init is ActInit.IDENTITY:
+            coef = torch.zeros(degree + 1)
+            coef[1] = 1.0
+        else:
+            coef = torch.tensor(relu_poly_coefficients(degree, bound), dtype=torch.float32)
         if channels is None:
             self.register_buffer("coefficients", coef)
         else:  # learnable, one polynomial per channel: shape (degree + 1, C, 1, 1)
@@ -240,12 +271,12 @@ class WSConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: int = 1) -> None:
+                 stride: int = 1, padding: int = 1, *, gain: float = 1.0) -> None:
         super().__init__()
         self.stride, self.padding = stride, padding
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), 1.0))
+        self.gain = nn.Parameter(torch.full((out_channels, 1, 1, 1), float(gain)))
         nn.init.kaiming_normal_(self.weight, nonlinearity="linear")
 
     def folded_weight(self) -> torch.Tensor:
@@ -266,10 +297,11 @@ def _conv_unit(cin: int, cout: int, cfg: ArchConfig, *, stem: int = 1) -> list[n
     if cfg.kind is ModelKind.REF:
         return [nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
     conv: nn.Module = (
-        WSConv2d(cin, cout, k, stride, pad) if cfg.norm is NormKind.WS
+        WSConv2d(cin, cout, k, stride, pad, gain=cfg.conv_gain) if cfg.norm is NormKind.WS
         else nn.Conv2d(cin, cout, k, stride=stride, padding=pad)
     )
-    return [conv, PolyAct(cfg.degree, cfg.act_bound, channels=cout if cfg.learnable_act else None)]
+    return [conv, PolyAct(cfg.degree, cfg.act_bound, channels=cout if cfg.learnable_act else None,
+                          init=cfg.act_init)]
 
 
 class Residual(nn.Module):

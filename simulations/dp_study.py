@@ -53,6 +53,8 @@ class Trial:
     pretrain: bool = True
     freeze: str = ""
     seed: int = 0
+    act_init: str = "relu"
+    conv_gain: float = 1.0
 
 
 def average(weights: list[list[Any]]) -> list[Any]:
@@ -112,20 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     pre = Preprocess(size=64)
     sites = [load_dataset(f, preprocess=pre) for f in site_folders(data)]
     val = load_dataset(data / "val", preprocess=pre)
-    inits: dict[bool, PrivradCNN] = {}
+    inits: dict[tuple[bool, str, float], PrivradCNN] = {}
     for spec in args[2:]:
         name, _, rest = spec.partition(":")
         if name in done:
             continue
         settings = dict(item.partition("=")[::2] for item in filter(None, rest.split(",")))
         trial = Trial(name=name, **parse_flat(Trial, settings, what="trial"))
-        if trial.pretrain not in inits:
+        key = (trial.pretrain, trial.act_init, trial.conv_gain)
+        if key not in inits:
             cfg = RunConfig(data_dir=str(data), out_dir=str(out), pretrain_epochs=15 if trial.pretrain else 0,
-                            head="flatten")
-            inits[trial.pretrain] = initial_model(cfg).model
-            print(f"initial model (pretrain={trial.pretrain}): val macro-AUC "
-                  f"{evaluate(inits[trial.pretrain], val).auc_macro:.4f}", flush=True)
-        result = run_trial(trial, sites, val, inits[trial.pretrain])
+                            head="flatten", act_init=trial.act_init, conv_gain=trial.conv_gain)
+            inits[key] = initial_model(cfg).model
+            print(f"initial model (pretrain={trial.pretrain}, act-init {trial.act_init}, gain {trial.conv_gain:g}): "
+                  f"val macro-AUC {evaluate(inits[key], val).auc_macro:.4f}", flush=True)
+        result = run_trial(trial, sites, val, inits[key])
         with log.open("a") as fh:
             fh.write(json.dumps(result) + "\n")
     return 0

@@ -62,7 +62,8 @@ class BenchConfig:
 
     ``run`` overrides the default run configuration of the federated and local rows (flat
     run-config keys, e.g. ``{"num-server-rounds": 5}``); ``central_epochs`` is the
-    centralised row's number of epochs.
+    centralised row's number of epochs. ``only`` (row keys) runs a subset of the rows, with the
+    public start added when a chosen row starts from it.
     """
 
     data: str
@@ -72,6 +73,7 @@ class BenchConfig:
     central_epochs: int = 20
     scratch: bool = True
     run: tuple[tuple[str, Any], ...] = ()
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.epsilons or any(not (e > 0 and math.isfinite(e)) for e in self.epsilons):
@@ -83,6 +85,10 @@ class BenchConfig:
         if self.central_epochs < 1:
             raise ConfigError(f"--central-epochs must be at least 1, got {self.central_epochs}")
         RunConfig.from_flower(dict(self.run))  # unknown keys or bad values fail here, before any work
+        known = [k for k, _ in all_rows(self)]
+        unknown = [k for k in self.only if k not in known]
+        if unknown:
+            raise ConfigError(f"--rows: unknown row {unknown[0]!r}; the rows are {', '.join(known)}")
 
     @property
     def folder(self) -> Path:
@@ -95,8 +101,11 @@ class BenchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"format": BENCH_FORMAT, "data": self.data, "epsilons": list(self.epsilons), "seeds": self.seeds,
-                "central_epochs": self.central_epochs, "scratch": self.scratch, "run": dict(self.run)}
+        out = {"format": BENCH_FORMAT, "data": self.data, "epsilons": list(self.epsilons), "seeds": self.seeds,
+               "central_epochs": self.central_epochs, "scratch": self.scratch, "run": dict(self.run)}
+        if self.only:  # only when set: a benchmark of every row resumes from a bench.json written before it
+            out["only"] = list(self.only)
+        return out
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,20 @@ def _eps(e: float) -> str:
     return f"{e:g}"
 
 
+FROM_PUBLIC = ("local", "fedavg", "dp-eps-")
+"""Rows (key prefixes) that start from the public start's model."""
+
+
 def rows(cfg: BenchConfig) -> list[tuple[str, str]]:
-    """``(row key, label)`` in table order."""
+    """``(row key, label)`` in table order: those of :func:`all_rows` that ``cfg.only`` keeps."""
+    keep = set(cfg.only)
+    if any(k.startswith(FROM_PUBLIC) for k in keep):
+        keep.add("public")
+    return [(k, label) for k, label in all_rows(cfg) if not keep or k in keep]
+
+
+def all_rows(cfg: BenchConfig) -> list[tuple[str, str]]:
+    """Every ``(row key, label)`` of the benchmark, in table order."""
     top = _eps(max(cfg.epsilons))
     out = [("public", "public start (no site data)"),
            ("local", f"local only, DP-SGD ε = {top} (mean over sites)"),
@@ -135,10 +156,11 @@ def run_order(cfg: BenchConfig) -> list[str]:
     (centralised, FedAvg, the largest ε, local only, from scratch), then the other ε from the largest down.
     """
     top = f"dp-eps-{_eps(max(cfg.epsilons))}"
-    first = ["public", "central", "fedavg", top, "local"] + [k for k, _ in rows(cfg) if k.startswith("scratch-")]
-    rest = sorted((k for k, _ in rows(cfg) if k.startswith("dp-eps-") and k != top),
+    kept = [k for k, _ in rows(cfg)]
+    first = ["public", "central", "fedavg", top, "local"] + [k for k in kept if k.startswith("scratch-")]
+    rest = sorted((k for k in kept if k.startswith("dp-eps-") and k != top),
                   key=lambda k: -float(k.removeprefix("dp-eps-")))
-    return first + rest
+    return [k for k in first + rest if k in kept]
 
 
 def cells(cfg: BenchConfig) -> list[Cell]:
@@ -341,7 +363,7 @@ def load_config(settings: Path) -> BenchConfig:
         raise DataError(settings, f"is not a {BENCH_FORMAT} file")
     return BenchConfig(data=d["data"], out=str(settings.parent), epsilons=tuple(float(e) for e in d["epsilons"]),
                        seeds=int(d["seeds"]), central_epochs=int(d["central_epochs"]), scratch=bool(d["scratch"]),
-                       run=tuple(sorted(d["run"].items())))
+                       run=tuple(sorted(d["run"].items())), only=tuple(d.get("only", ())))
 
 
 def main(argv: list[str] | None = None) -> int:

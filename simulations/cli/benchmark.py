@@ -43,6 +43,9 @@ def federated(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a default of the run configuration "
                                                                  "(KEY=VALUE, repeatable), e.g. "
                                                                  "--set num-server-rounds=5.")] = None,
+    rows: Annotated[str, typer.Option(help="Run only these rows (comma-separated keys, e.g. scratch-eps-8; the "
+                                           "public start comes along when a row starts from it). Default: all.")
+                    ] = "",
 ) -> None:
     """Public start, local only, FedAvg, DP-SGD + SecAgg+ per ε, from scratch, centralised: AUC, time, memory."""
     try:
@@ -50,7 +53,8 @@ def federated(
     except ValueError:
         raise ConfigError(f"--epsilons: {epsilons!r} is not a comma-separated list of numbers") from None
     cfg = BenchConfig(data=str(data), out=str(out), epsilons=eps, seeds=seeds, central_epochs=central_epochs,
-                      scratch=scratch, run=_run_overrides(set_ or []))
+                      scratch=scratch, run=_run_overrides(set_ or []),
+                      only=tuple(r.strip() for r in rows.split(",") if r.strip()))
     start = time.perf_counter()
     with progress_bar("info") as bar:
         task = bar.add_task("federated benchmark", total=len(cells(cfg)), info="")

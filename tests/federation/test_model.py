@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from torch import nn
 
 from federation.errors import ConfigError
 from federation.model import (
+    ActInit,
     ArchConfig,
     HeadKind,
     ModelKind,
@@ -116,6 +119,7 @@ def test_ws_conv_equals_a_plain_conv_with_its_folded_weight() -> None:
 @pytest.mark.parametrize(("field", "value", "rule"), [
     ("input_size", 60, "multiple of"), ("degree", 5, "2, 3 or 4"), ("channels", (), "positive"),
     ("num_classes", 1, "at least 2"), ("act_bound", 0.0, "positive"), ("stem", 0, "positive"),
+    ("conv_gain", 0.0, "positive"),
 ])
 def test_bad_architecture_names_field_and_rule(field: str, value: object, rule: str) -> None:
     with pytest.raises(ConfigError, match=f"`{field}`.*{rule}"):
@@ -124,8 +128,26 @@ def test_bad_architecture_names_field_and_rule(field: str, value: object, rule: 
 
 def test_architecture_round_trips_through_a_dict() -> None:
     cfg = ArchConfig(kind=ModelKind.REF, channels=(4, 8), input_size=32, residual=True)
+    started = ArchConfig(channels=(4, 8), input_size=32, act_init=ActInit.IDENTITY, conv_gain=2.0)
 
     assert ArchConfig.from_dict(cfg.to_dict()) == cfg
+    assert ArchConfig.from_dict(json.loads(json.dumps(started.to_dict()))) == started
+
+
+def test_an_identity_start_makes_the_untrained_network_linear_with_the_given_gain() -> None:
+    cfg = ArchConfig(channels=(4, 8), input_size=32, act_init=ActInit.IDENTITY, conv_gain=2.0)
+    model = build_model(cfg, seed=0).eval()
+    x, y = torch.rand(3, 1, 32, 32), torch.rand(3, 1, 32, 32)
+
+    at_sum = model(x + y) - model(torch.zeros_like(x))   # linear up to the constant term (biases)
+    sum_of = model(x) + model(y) - 2 * model(torch.zeros_like(x))
+
+    torch.testing.assert_close(at_sum, sum_of, atol=1e-5, rtol=1e-4)
+    gains = [m.gain for m in model.modules() if isinstance(m, WSConv2d)]
+    assert len(gains) == 2
+    assert all(torch.equal(g, torch.full_like(g, 2.0)) for g in gains)
+    with pytest.raises(ConfigError, match="`act_init` identity needs `learnable_act`"):
+        ArchConfig(act_init=ActInit.IDENTITY, learnable_act=False)
 
 
 def test_residual_blocks_and_convs_build_the_asan_like_resnet_and_round_trip_in_a_checkpoint_config() -> None:

@@ -43,6 +43,18 @@ def test_rows_are_in_table_order_and_cells_seed_major(tmp_path: Path) -> None:
     assert cells(cfg)[7] == Cell("public", 1)
 
 
+def test_a_subset_of_rows_brings_the_public_start_only_when_a_row_starts_from_it(tmp_path: Path) -> None:
+    scratch = BenchConfig(data=".", out=str(tmp_path), seeds=2, only=("scratch-eps-8",))
+    local = BenchConfig(data=".", out=str(tmp_path), seeds=1, only=("central", "local"))
+
+    assert cells(scratch) == [Cell("scratch-eps-8", 0), Cell("scratch-eps-8", 1)]
+    assert [c.row for c in cells(local)] == ["public", "central", "local"]
+    assert scratch.to_dict()["only"] == ["scratch-eps-8"]
+    assert "only" not in BenchConfig(data=".", out=str(tmp_path)).to_dict()  # older bench.json files resume
+    with pytest.raises(ConfigError, match="--rows: unknown row 'dp-eps-3'; the rows are public, local"):
+        BenchConfig(data=".", out=str(tmp_path), only=("dp-eps-3",))
+
+
 def test_summary_gives_mean_and_sample_sd_over_seeds(tmp_path: Path) -> None:
     cfg = BenchConfig(data="fed", out=str(tmp_path), epsilons=(8.0,), seeds=2, scratch=False)
     records: dict[str, list[dict[str, Any]]] = {
