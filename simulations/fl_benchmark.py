@@ -177,6 +177,29 @@ def _policy(folder: Path, *, epsilon: float, dp: bool, secagg: bool) -> SitePoli
                       ledger_dir=str(folder / "ledgers"))
 
 
+def incomplete_rounds(rounds: list[dict[str, Any]], *, sites: int, timeout: float) -> None:
+    """Refuse a federated cell in which a round did not aggregate every site's update.
+
+    Such a cell measured another training than its row names (fewer rounds, or fewer sites
+    in a round), so it fails, and a rerun starts it over. It happens when the machine is
+    too busy for SecAgg+'s stage timeout: the stage that timed out is named.
+
+    Raises
+    ------
+    PrivradError
+        The first such round, with its sites and its SecAgg+ stages' durations.
+    """
+    for r in rounds:
+        if r.get("aggregated") and int(r.get("sites_contributed", 0)) == sites:
+            continue
+        stages = r.get("secagg_stage_seconds") or {}
+        slow = [name for name, sec in stages.items() if sec >= timeout * 0.99]
+        why = (f"SecAgg+ stage {slow[0]!r} reached its timeout of {timeout:g} s (a busy machine? raise "
+               f"secagg-timeout)") if slow else "see the cell's log"
+        raise PrivradError(f"round {r['round']} aggregated {int(r.get('sites_contributed', 0))} of {sites} sites "
+                           f"({why}); the cell does not count")
+
+
 def _federated(cfg: BenchConfig, cell: Cell, folder: Path, *, epsilon: float | None, scratch: bool = False
                ) -> dict[str, Any]:
     base = cfg.base(cell.seed, folder / "run")
@@ -187,6 +210,7 @@ def _federated(cfg: BenchConfig, cell: Cell, folder: Path, *, epsilon: float | N
         delta=1e-5 if dp else 0.0)
     policy = _policy(folder, epsilon=epsilon or base.epsilon_budget, dp=dp, secagg=dp)
     result = run_federated(run, policies=policy)
+    incomplete_rounds(result.metrics["rounds"], sites=len(site_folders(Path(cfg.data))), timeout=run.secagg_timeout)
     final = result.metrics["final"]
     eps = final.get("epsilon") or {}
     return {"auc_macro": final["auc_macro"], "val_auc_macro": final.get("val_auc_macro"),
@@ -310,6 +334,12 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _last_error(log: Path) -> str:
+    """``: <the last privrad error line of the log>``, or nothing."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "Error: " in line]
+    return f": {lines[-1].strip()}" if lines else ""
+
+
 def run_benchmark(cfg: BenchConfig, *, on_cell: Callable[[Cell, dict[str, Any] | None], None] | None = None
                   ) -> dict[str, Any]:
     """Run every unfinished cell (each in a fresh process), then :func:`summarise`.
@@ -348,8 +378,8 @@ def run_benchmark(cfg: BenchConfig, *, on_cell: Callable[[Cell, dict[str, Any] |
             proc = subprocess.run([sys.executable, "-m", "simulations.fl_benchmark", str(settings), cell.row,
                                    str(cell.seed)], stdout=logf, stderr=subprocess.STDOUT, env=env, check=False)
         if proc.returncode != 0 or not (folder / "result.json").is_file():
-            raise PrivradError(f"benchmark cell {cell.row} seed {cell.seed} failed (exit {proc.returncode}); "
-                               f"see {folder / 'cell.log'}")
+            raise PrivradError(f"benchmark cell {cell.row} seed {cell.seed} failed (exit {proc.returncode})"
+                               f"{_last_error(folder / 'cell.log')}; see {folder / 'cell.log'}")
         if on_cell is not None:
             on_cell(cell, json.loads((folder / "result.json").read_text()))
         summary = summarise(cfg)  # after every cell, so a stopped benchmark leaves its table

@@ -8,8 +8,18 @@ from typing import Any
 
 import pytest
 
-from federation.errors import ConfigError, DataError
-from simulations.fl_benchmark import BenchConfig, Cell, cells, markdown, rows, run_benchmark, run_order, summarise
+from federation.errors import ConfigError, DataError, PrivradError
+from simulations.fl_benchmark import (
+    BenchConfig,
+    Cell,
+    cells,
+    incomplete_rounds,
+    markdown,
+    rows,
+    run_benchmark,
+    run_order,
+    summarise,
+)
 from simulations.phantoms import PhantomConfig, generate_phantoms
 
 RUN = (("batch-size", 4), ("image-size", 32), ("local-epochs", 1), ("num-server-rounds", 1), ("pretrain-epochs", 1))
@@ -53,6 +63,20 @@ def test_a_subset_of_rows_brings_the_public_start_only_when_a_row_starts_from_it
     assert "only" not in BenchConfig(data=".", out=str(tmp_path)).to_dict()  # older bench.json files resume
     with pytest.raises(ConfigError, match="--rows: unknown row 'dp-eps-3'; the rows are public, local"):
         BenchConfig(data=".", out=str(tmp_path), only=("dp-eps-3",))
+
+
+def test_a_cell_whose_round_lost_sites_does_not_count_and_names_the_stage_that_timed_out() -> None:
+    full = {"aggregated": True, "sites_contributed": 3}
+    timed_out = {"round": 2, "aggregated": False, "sites_contributed": 0,
+                 "secagg_stage_seconds": {"setup": 0.1, "collect_masked_vectors": 120.02}}
+    short = {"round": 3, "aggregated": True, "sites_contributed": 2, "secagg_stage_seconds": {"setup": 0.1}}
+
+    incomplete_rounds([{"round": 1, **full}], sites=3, timeout=120)
+    with pytest.raises(PrivradError, match=r"round 2 aggregated 0 of 3 sites \(SecAgg\+ stage "
+                                           r"'collect_masked_vectors' reached its timeout of 120 s"):
+        incomplete_rounds([{"round": 1, **full}, timed_out], sites=3, timeout=120)
+    with pytest.raises(PrivradError, match=r"round 3 aggregated 2 of 3 sites \(see the cell's log\)"):
+        incomplete_rounds([short], sites=3, timeout=120)
 
 
 def test_summary_gives_mean_and_sample_sd_over_seeds(tmp_path: Path) -> None:
