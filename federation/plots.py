@@ -233,10 +233,12 @@ def plot_fl_benchmark(summary: dict[str, Any], path: Path) -> None:
         ax.set_xticks(xs, [f"{e:g}" for e in xs])
         ax.minorticks_off()
     for key, r in rows.items():
-        if key.startswith("scratch-eps-") and dp:
+        if key.startswith("scratch-eps-"):
             e = float(key.removeprefix("scratch-eps-"))
             ax.errorbar([e], [r["auc_macro"]["mean"]], yerr=[r["auc_macro"]["std"]], fmt="s", color="tab:purple",
-                        capsize=3, label=f"DP-SGD + SecAgg+ from scratch (ε = {e:g})")
+                        capsize=3, label=f"DP-SGD + SecAgg+ from scratch (ε = {e:g}): {r['auc_macro']['mean']:.3f}")
+            if not dp:
+                ax.set_xticks([e], [f"{e:g}"])
     styles = {"central": ("tab:green", "-"), "fedavg": ("tab:orange", "--"), "local": ("tab:red", ":"),
               "public": ("tab:gray", "-.")}
     for key, (color, line) in styles.items():
