@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,8 +191,8 @@ class ArchConfig:
             raise ConfigError(f"`degree` must be 2, 3 or 4, got {self.degree}")
         if self.act_bound <= 0:
             raise ConfigError(f"`act_bound` must be positive, got {self.act_bound}")
-        if not self.conv_gain > 0:
-            raise ConfigError(f"`conv_gain` must be positive, got {self.conv_gain}")
+        if not (self.conv_gain > 0 and math.isfinite(self.conv_gain)):
+            raise ConfigError(f"`conv_gain` must be positive and finite, got {self.conv_gain}")
         if self.act_init is ActInit.IDENTITY and not self.learnable_act and self.kind is ModelKind.APPROX:
             raise ConfigError("`act_init` identity needs `learnable_act`: a fixed identity activation "
                               "leaves the network linear")

@@ -119,7 +119,7 @@ def test_ws_conv_equals_a_plain_conv_with_its_folded_weight() -> None:
 @pytest.mark.parametrize(("field", "value", "rule"), [
     ("input_size", 60, "multiple of"), ("degree", 5, "2, 3 or 4"), ("channels", (), "positive"),
     ("num_classes", 1, "at least 2"), ("act_bound", 0.0, "positive"), ("stem", 0, "positive"),
-    ("conv_gain", 0.0, "positive"),
+    ("conv_gain", 0.0, "positive"), ("conv_gain", float("inf"), "finite"), ("conv_gain", float("nan"), "finite"),
 ])
 def test_bad_architecture_names_field_and_rule(field: str, value: object, rule: str) -> None:
     with pytest.raises(ConfigError, match=f"`{field}`.*{rule}"):
