@@ -11,12 +11,14 @@ import dataclasses
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from federation.errors import ConfigError
 from federation.model import ActInit, ArchConfig, HeadKind
 
 __all__ = ["RunConfig", "StrategyKind", "parse_flat"]
+
+E = TypeVar("E", bound=enum.Enum)
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -149,7 +151,9 @@ class RunConfig:
     fraction_fit: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "strategy", StrategyKind(self.strategy))
+        object.__setattr__(self, "strategy", _choice("strategy", StrategyKind, self.strategy))
+        _choice("head", HeadKind, self.head)   # kept as str (a Flower run-config value), checked here
+        _choice("act_init", ActInit, self.act_init)
         positive = ("num_server_rounds", "local_epochs", "batch_size", "pretrain_batch_size", "learning_rate",
                     "image_size", "conv_gain", "max_grad_norm", "epsilon_budget", "secagg_threshold",
                     "secagg_timeout", "secagg_max_weight", "secagg_clipping_range", "central_clipping_norm",
@@ -197,6 +201,15 @@ class RunConfig:
 
 Resolve = Callable[[RunConfig, "int | str"], RunConfig]
 """Fills what a run config left empty (``data-dir``, ``out-dir``) for run ``run_id``."""
+
+
+def _choice(name: str, kind: type[E], value: Any) -> E:
+    """``kind(value)``, or a :class:`ConfigError` naming the run-config key and its choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"`{name.replace('_', '-')}` must be one of {', '.join(k.value for k in kind)}, "
+                          f"got {value!r}") from None
 
 
 def as_given(cfg: RunConfig, run_id: int | str) -> RunConfig:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flwr.server.strategy import FedAvg
+
 from aggregator.initial import initial_model, save_initial_model
 from federation.config import RunConfig
 from federation.errors import ConfigError, DataError, PrivradError
@@ -178,7 +180,7 @@ def _policy(folder: Path, *, epsilon: float, dp: bool, secagg: bool) -> SitePoli
 
 
 def incomplete_rounds(rounds: list[dict[str, Any]], *, sites: int, timeout: float) -> None:
-    """Refuse a federated cell in which a round did not aggregate every site's update.
+    """Refuse a federated cell in which a round did not aggregate the update of every site it sampled (``sites``).
 
     Such a cell measured another training than its row names (fewer rounds, or fewer sites
     in a round), so it fails, and a rerun starts it over. It happens when the machine is
@@ -210,7 +212,10 @@ def _federated(cfg: BenchConfig, cell: Cell, folder: Path, *, epsilon: float | N
         delta=1e-5 if dp else 0.0)
     policy = _policy(folder, epsilon=epsilon or base.epsilon_budget, dp=dp, secagg=dp)
     result = run_federated(run, policies=policy)
-    incomplete_rounds(result.metrics["rounds"], sites=len(site_folders(Path(cfg.data))), timeout=run.secagg_timeout)
+    sites = len(site_folders(Path(cfg.data)))
+    sampler = FedAvg(fraction_fit=run.fraction_fit, min_fit_clients=run.min_clients)  # the run's sampling rule
+    sampled = min(sites, sampler.num_fit_clients(sites)[0])
+    incomplete_rounds(result.metrics["rounds"], sites=sampled, timeout=run.secagg_timeout)
     final = result.metrics["final"]
     eps = final.get("epsilon") or {}
     return {"auc_macro": final["auc_macro"], "val_auc_macro": final.get("val_auc_macro"),

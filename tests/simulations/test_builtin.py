@@ -39,3 +39,7 @@ def test_run_config_reads_flower_keys_and_names_a_bad_one() -> None:
         RunConfig.from_flower({"rounds": 3})
     with pytest.raises(ConfigError, match=r"`target-epsilon` 9\.0 exceeds `epsilon-budget` 8\.0"):
         RunConfig(target_epsilon=9.0)
+    for key, choices in (("act-init", "relu, identity"), ("head", "flatten, gap"),
+                         ("strategy", "fedavg, fedprox, fedadam")):
+        with pytest.raises(ConfigError, match=f"`{key}` must be one of {choices}, got 'linear'"):
+            RunConfig.from_flower({key: "linear"})
