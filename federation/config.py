@@ -90,6 +90,9 @@ class RunConfig:
     update to ``central_clipping_norm``, the server adds Gaussian noise of multiplier
     ``central_noise_multiplier`` (0: derived so the planned rounds spend
     ``central_epsilon_budget`` at ``central_delta``) and refuses rounds beyond the budget.
+    ``channels`` (comma-separated; empty: none) and ``scatter`` (``J`` of the fixed
+    scattering front end, 0: none) shape the Approx-CNN (:class:`~federation.model.ArchConfig`);
+    ``channels = ""`` with ``scatter = 2`` is a linear classifier on scattering features.
     ``secagg_num_shares`` 0 lets the server size each site's SecAgg+ neighbourhood
     (``2 ⌈1.5 log₂ n⌉ + 1`` of ``n`` sampled sites, all of them up to 13:
     :func:`aggregator.secagg.auto_share_count`); a value in (0, 1] is a fraction of the
@@ -113,6 +116,8 @@ class RunConfig:
     head: str = "flatten"
     act_init: str = "relu"
     conv_gain: float = 1.0
+    channels: str = "16,32,64"
+    scatter: int = 0
     data_dir: str = ""
     test_dir: str = ""
     val_dir: str = ""
@@ -161,6 +166,11 @@ class RunConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must be positive, got {getattr(self, name)}")
+        try:
+            tuple(int(c) for c in self.channels.split(",") if c.strip())
+        except ValueError:
+            raise ConfigError(f"`channels` must be comma-separated integers, got {self.channels!r}") from None
+        self.arch()   # the architecture keys together (channels, scatter, image-size): a ConfigError naming them
         if self.aug_mult < 1:
             raise ConfigError(f"`aug-mult` must be at least 1, got {self.aug_mult}")
         for name in ("shift", "noise_multiplier", "target_epsilon", "delta", "proximal_mu", "pretrain_epochs",
@@ -188,7 +198,8 @@ class RunConfig:
     def arch(self) -> ArchConfig:
         """The Approx-CNN architecture every party builds."""
         return ArchConfig(input_size=self.image_size, head=HeadKind(self.head), act_init=ActInit(self.act_init),
-                          conv_gain=self.conv_gain)
+                          conv_gain=self.conv_gain, scatter=self.scatter,
+                          channels=tuple(int(c) for c in self.channels.split(",") if c.strip()))
 
     def to_flower(self) -> dict[str, Any]:
         """Flat ``-`` separated form (Flower run-config values: bool, int, float, str)."""

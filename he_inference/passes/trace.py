@@ -159,6 +159,9 @@ def trace(model: nn.Module, *, image_shape: Shape | None = None, classes: Sequen
         if model.config.adapt_block > 1:
             raise UnsupportedLayerError("adapt (BlockAdapt): the keyed-transform tier's block adaptation runs in "
                                         "plaintext only; compile a model trained on plain slices")
+        if model.config.scatter:
+            raise UnsupportedLayerError("front (ScatterFront): the scattering modulus is not a polynomial, and the "
+                                        "client's input transform does not compute it yet")
         image_shape = (1, model.config.input_size, model.config.input_size)
         transform = InputTransform(mean=INPUT_MEAN, std=INPUT_STD)
         classes = classes or CLASSES[: model.config.num_classes]

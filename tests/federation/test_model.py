@@ -19,7 +19,9 @@ from federation.model import (
     Residual,
     WSConv2d,
     build_model,
+    get_weights,
     relu_poly_coefficients,
+    set_weights,
 )
 
 # Module types whose inference computation is a polynomial in the input (HE-evaluable).
@@ -164,3 +166,39 @@ def test_residual_blocks_and_convs_build_the_asan_like_resnet_and_round_trip_in_
     assert ArchConfig.from_dict({k: v for k, v in cfg.to_dict().items() if not k.startswith("res_")}).res_blocks == 1
     with pytest.raises(ConfigError, match="`res_blocks` must be ≥ 1 and `res_convs` 1 to 3"):
         ArchConfig(residual=True, res_convs=4)
+
+
+# ----------------------------------------------------------------------------- scattering front end
+
+
+def test_scatter_front_with_a_linear_classifier_ships_only_the_classifier() -> None:
+    cfg = ArchConfig(input_size=32, channels=(), scatter=2, scatter_angles=4, head=HeadKind.FLATTEN)
+    model = build_model(cfg, seed=0)
+    out = model(torch.rand(2, 1, 32, 32))
+    assert out.shape == (2, cfg.num_classes)
+    assert list(model.state_dict()) == ["classifier.weight", "classifier.bias"]   # no filters on the wire
+    assert model.classifier.in_features == 25 * 8 * 8                              # K = 1 + 2*4 + 16 at 32 / 4
+    twin = build_model(cfg, seed=1)
+    set_weights(twin, get_weights(model))
+    x = torch.rand(3, 1, 32, 32)
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    assert ArchConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_scatter_front_under_conv_stages() -> None:
+    cfg = ArchConfig(input_size=32, channels=(8,), scatter=1, scatter_angles=4, head=HeadKind.FLATTEN)
+    model = build_model(cfg, seed=0)
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, cfg.num_classes)
+    assert model.classifier.in_features == 8 * 8 * 8
+
+
+@pytest.mark.parametrize(("kw", "names"), [
+    ({"channels": ()}, "none only with `scatter`"),
+    ({"scatter": 5}, "`scatter` must be 0 to 4"),
+    ({"scatter": 2, "scatter_angles": 0}, "`scatter_angles` 1 to 16"),
+    ({"scatter": 2, "stem": 2, "channels": (4,)}, "cannot follow a `stem`"),
+    ({"scatter": 2, "input_size": 36}, r"2\*\*len\(channels\) \* 2\*\*scatter = 32"),
+])
+def test_scatter_config_errors_name_the_field(kw: dict[str, object], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        ArchConfig(**kw)  # type: ignore[arg-type]

@@ -39,6 +39,13 @@ def test_run_config_reads_flower_keys_and_names_a_bad_one() -> None:
         RunConfig.from_flower({"rounds": 3})
     with pytest.raises(ConfigError, match=r"`target-epsilon` 9\.0 exceeds `epsilon-budget` 8\.0"):
         RunConfig(target_epsilon=9.0)
+    scat = RunConfig.from_flower({"channels": "", "scatter": 2})
+    assert (scat.arch().channels, scat.arch().scatter) == ((), 2)
+    assert RunConfig.from_flower(scat.to_flower()) == scat
+    with pytest.raises(ConfigError, match="`channels` must be comma-separated integers, got '16,x'"):
+        RunConfig.from_flower({"channels": "16,x"})
+    with pytest.raises(ConfigError, match="none only with `scatter`"):
+        RunConfig.from_flower({"channels": ""})
     for key, choices in (("act-init", "relu, identity"), ("head", "flatten, gap"),
                          ("strategy", "fedavg, fedprox, fedadam")):
         with pytest.raises(ConfigError, match=f"`{key}` must be one of {choices}, got 'linear'"):

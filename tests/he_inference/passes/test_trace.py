@@ -66,3 +66,10 @@ def test_a_batchnorm_in_training_mode_is_refused() -> None:
 def test_a_model_without_a_classifier_is_refused() -> None:
     with pytest.raises(UnsupportedLayerError, match="must end with Flatten and a Linear classifier"):
         trace(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1)).eval(), image_shape=(1, 8, 8))
+
+
+def test_a_scattering_front_end_is_refused_by_name() -> None:
+    from federation.model import ArchConfig, build_model
+    model = build_model(ArchConfig(input_size=32, channels=(), scatter=2, scatter_angles=4, head="flatten"))
+    with pytest.raises(UnsupportedLayerError, match=r"^front \(ScatterFront\): the scattering modulus"):
+        trace(model)
