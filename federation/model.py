@@ -385,9 +385,17 @@ class PrivradCNN(nn.Module):
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(cin if gap else cin * side * side, cfg.num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of ``(N, 1, H, W)`` images in ``[0, 1]``."""
-        if self.config.scatter:
+    def forward(self, x: torch.Tensor, *, features: bool = False) -> torch.Tensor:
+        """Logits for a batch of ``(N, 1, H, W)`` images in ``[0, 1]``.
+
+        ``features=True``: ``x`` is already the fixed front end's output ``self.front(images)``
+        (features computed once and reused, :func:`federation.train.front_features`).
+        """
+        if features:
+            if not self.config.scatter:
+                raise ValueError("features=True needs a model with a fixed front end (scatter > 0)")
+            x = self.features(x)
+        elif self.config.scatter:
             x = self.features(self.front(x))   # the front end standardises its own features
         else:
             x = self.features(self.adapt((x - INPUT_MEAN) / INPUT_STD))

@@ -33,7 +33,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from federation.errors import ModelError, PolicyRefusedError, PrivacyBudgetError
 from federation.ingest import ImageSet
-from federation.train import ProximalTerm, TrainConfig, augment_batch, make_optimizer
+from federation.train import ProximalTerm, TrainConfig, augment_batch, front_features, make_optimizer
 from privacy.ledger import LedgerEntry, PrivacyLedger, StepSet, epsilon_of, merge_step_sets, noise_for_remaining
 from privacy.policy import RoundRequest, Rule, SitePolicy, review
 
@@ -119,13 +119,14 @@ class PerSampleGradients:
     clipped once, so the privacy cost is that of one record.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, features: bool = False) -> None:
         self.model = model
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        kwargs = {"features": True} if features else None  # x: the fixed front end's output
 
         def loss(trainable: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor,
                  y: torch.Tensor) -> torch.Tensor:
-            out = functional_call(model, {**fixed, **trainable}, (x,))
+            out = functional_call(model, {**fixed, **trainable}, (x,), kwargs)
             return nn.functional.cross_entropy(out, y.expand(len(x)))
 
         self._fn = vmap(grad_and_value(loss), in_dims=(None, None, 0, 0))
@@ -256,9 +257,10 @@ def train_dp_round(
         raise PrivacyBudgetError(f"plan has q {plan.sample_rate}, the data give {sample_rate(n, train.batch_size)}")
     prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
     augment_gen = torch.Generator().manual_seed(train.seed)  # augmentation only: no privacy rests on it
-    loader = dp_loader(data, batch_size=train.batch_size, generator=rng.sampling)
+    feats = None if train.augment else front_features(model, data)  # a fixed front end: computed once
+    loader = dp_loader(feats if feats is not None else data, batch_size=train.batch_size, generator=rng.sampling)
     optimizer, sched = make_optimizer(model, train, plan.steps)
-    per_sample = PerSampleGradients(model)
+    per_sample = PerSampleGradients(model, features=feats is not None)
     dp_opt = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                          expected_batch_size=max(1, round(n * plan.sample_rate)), generator=rng.noise,
                          secure_mode=True)
