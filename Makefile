@@ -81,13 +81,15 @@ bench-service: $(STAMP)
 # SecAgg+ at ε 1/2/4/8, from scratch, centralised; 3 seeds; 5 rounds × 2 local epochs at batch 256 (chosen on val/:
 # 0.957 against 0.956 at batch 32 and 0.955 at lr 1e-2, docs/federated-training.md). About 45 min per seed on 2 cores;
 # rerun to resume. Then the from-scratch row again with the identity start (act-init, conv-gain; chosen on val/:
-# 0.800 against 0.604 with the ReLU-fit start), into $(FL_BENCH)-scratch.
+# 0.800 against 0.604 with the ReLU-fit start), into $(FL_BENCH)-scratch; and with the scattering front end and a
+# linear classifier (scatter, channels; 40 rounds chosen on val/: 0.945-0.953), into $(FL_BENCH)-scatter (~5 min a seed).
 FL_DATA ?= runs/asan
 FL_BENCH ?= runs/bench-fl
 bench-fl: $(STAMP)
 	test -f $(FL_DATA)/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA) --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public 1000 --public-shift 0.5 --size 64 --seed 0
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH) --set num-server-rounds=5 --set local-epochs=2 --set batch-size=256
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scratch --rows scratch-eps-8 --set num-server-rounds=5 --set local-epochs=2 --set batch-size=256 --set act-init=identity --set conv-gain=2
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter --rows scratch-eps-8 --set num-server-rounds=40 --set local-epochs=2 --set batch-size=256 --set scatter=2 --set channels= --set augment=false
 
 # Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
 # FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.

@@ -11,8 +11,8 @@ gradient), so the noise falls on few parameters that separate the classes linear
 (``kymatio.torch.Scattering2D``, BSD-3-Clause; Andreux et al., JMLR 2020), written
 here in torch because Kymatio 0.3.0 no longer imports beside SciPy ≥ 1.17. The tests
 check it against Kymatio itself. Its ``K = 1 + J L + L² J (J - 1) / 2`` channels sit at
-``H / 2**J``; :class:`ScatterFront` standardises each channel of each image (an
-instance norm, no parameters), so nothing in it depends on any data set.
+``H / 2**J``; :class:`ScatterFront` takes their logarithm and standardises each channel of
+each image (an instance norm, no parameters), so nothing in it depends on any data set.
 
 Under HE the front end is part of the client's input transform: the hospital computes it
 in plaintext on its own slice, then encrypts the features (the modulus is not a
@@ -188,13 +188,22 @@ class Scattering(nn.Module):
         return torch.cat(out0 + out1 + out2, dim=1)
 
 
-class ScatterFront(nn.Module):
-    """:class:`Scattering`, then each channel of each image standardised (no parameters).
+LOG_FLOOR = 1e-2
+"""``log(LOG_FLOOR + S)``: chosen on the validation split over 1e-4, 1e-3, 3e-2 and 1e-1. On 64×64 CT slices
+in [0, 1], 89 % of the coefficients (72 of the 81 channels' medians) lie below it, where the map is nearly
+linear (``log F + S / F``); it compresses the large ones (the low-pass and the strong first-order channels)."""
 
-    The per-image standardisation (``GroupNorm`` with one group per channel) was chosen
-    on the validation split over groups of 3 and 9 channels and over no normalisation; a
-    standardisation with the public archive's channel statistics scored higher (val 0.927
-    against 0.913) but is not data-independent. See ``docs/federated-training.md``.
+
+class ScatterFront(nn.Module):
+    """:class:`Scattering`, then ``log(LOG_FLOOR + S)``, then each channel of each image standardised (no parameters).
+
+    Both steps were chosen on the validation split (five sites, DP-SGD ε = 8 from scratch,
+    40 rounds × 2 epochs): the logarithm turns the coefficients' multiplicative spread into
+    an additive one a linear classifier separates better (val 0.953 against 0.921); the
+    per-image standardisation (``GroupNorm`` with one group per channel) beat groups of 3
+    and 9 channels and no normalisation. A standardisation with the public archive's
+    channel statistics scored higher in an early study (val 0.927 against 0.913) but is not
+    data-independent. See ``docs/federated-training.md``.
     """
 
     def __init__(self, size: int, J: int = 2, L: int = 8) -> None:
@@ -209,6 +218,6 @@ class ScatterFront(nn.Module):
         return self.scattering.channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardised scattering features (differentiable in the images, for attacks that need it)."""
-        out: torch.Tensor = self.norm(self.scattering(x))
+        """Standardised log-scattering features (differentiable in the images, for attacks that need it)."""
+        out: torch.Tensor = self.norm(torch.log(LOG_FLOOR + self.scattering(x).clamp_min(0)))
         return out

@@ -301,13 +301,24 @@ def summarise(cfg: BenchConfig) -> dict[str, Any]:
     base = cfg.base(0, cfg.folder)
     settings = {"num_server_rounds": base.num_server_rounds, "local_epochs": base.local_epochs,
                 "batch_size": base.batch_size, "optimizer": base.optimizer, "learning_rate": base.learning_rate,
-                "max_grad_norm": base.max_grad_norm, "delta": 1e-5, "central_epochs": cfg.central_epochs}
+                "max_grad_norm": base.max_grad_norm, "delta": 1e-5, "central_epochs": cfg.central_epochs,
+                "model": _model_text(base)}
     summary = {**cfg.to_dict(), "settings": settings, "rows": table, "wall_time_vs_fedavg": ratios}
     atomic_write_json(cfg.folder / "benchmark.json", summary)
     atomic_write_bytes(cfg.folder / "benchmark.md", markdown(summary).encode())
     if table:
         plot_fl_benchmark(summary, cfg.folder / "benchmark.png")
     return summary
+
+
+def _model_text(run: RunConfig) -> str:
+    """The architecture in words, e.g. ``Approx-CNN, channels 16-32-64`` or ``scattering J = 2, L = 8 + linear``."""
+    arch = run.arch()
+    stages = "-".join(str(c) for c in arch.channels)
+    if arch.scatter:
+        front = f"scattering J = {arch.scatter}, L = {arch.scatter_angles} (log, per-image standardised)"
+        return f"{front} + " + (f"Approx-CNN, channels {stages}" if stages else "linear classifier")
+    return f"Approx-CNN, channels {stages}, act-init {run.act_init}, conv-gain {run.conv_gain:g}"
 
 
 def _pm(stats: dict[str, Any] | None, fmt: str, scale: float = 1.0) -> str:
@@ -335,7 +346,8 @@ def markdown(summary: dict[str, Any]) -> str:
         epochs = f"{st['local_epochs']} local epoch" + "s" * (st["local_epochs"] != 1)
         lines += ["", f"Settings: {st['num_server_rounds']} rounds × {epochs} at batch "
                       f"{st['batch_size']}, {st['optimizer']} lr {st['learning_rate']:g}, clipping norm "
-                      f"{st['max_grad_norm']:g}, δ = {st['delta']:g}; centralised: {st['central_epochs']} epochs."]
+                      f"{st['max_grad_norm']:g}, δ = {st['delta']:g}; centralised: {st['central_epochs']} epochs."
+                      + (f" Model: {st['model']}." if st.get("model") else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -103,7 +103,12 @@ def test_summary_gives_mean_and_sample_sd_over_seeds(tmp_path: Path) -> None:
     assert "1.5 ± 0.7" in table  # peak memory in GB
     assert "ε = 8: 1.50×" in table
     assert "Settings: 10 rounds × 1 local epoch at batch 32, adamw lr 0.003, clipping norm 1" in table
+    assert "Model: Approx-CNN, channels 16-32-64, act-init relu, conv-gain 1." in table
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
+    scatter = BenchConfig(data="fed", out=str(tmp_path / "s"), epsilons=(8.0,), seeds=2, scratch=False,
+                          run=(("scatter", 2), ("channels", "")))
+    assert "Model: scattering J = 2, L = 8 (log, per-image standardised) + linear classifier." in markdown(
+        summarise(scatter))
 
 
 @pytest.mark.slow

@@ -1,0 +1,78 @@
+"""Tuning study for the scattering + linear classifier under federated DP-SGD from scratch (issue 19).
+
+``python docs/experiments/scatter_fed_tune.py NAME key=value ...`` from the repository root with runs/asan made
+(``make bench-fl``); appends one JSON line per run to docs/experiments/scatter_fed_tune-results.jsonl. Five sites,
+FedAvg with equal site weights as privrad's DP clients send (weight 1), without Flower or SecAgg+ (which change
+nothing in the sum), the same DP-SGD (privacy.dp.train_dp_round) and accountant (σ per site for ε over all rounds).
+Features: privrad's Scattering (federation.scatter), then ``post`` (none | log: log(floor + S), floor 1e-3 unless given,
+then the standardisation) and ``norm`` (gnG: per-image GroupNorm with G groups; the default gn81 is ScatterFront's).
+Kept as run; choices are read on the validation split only.
+"""
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from federation.ingest import ImageSet, Preprocess, load_dataset, site_folders
+from federation.scatter import Scattering
+from federation.train import TrainConfig, evaluate
+from privacy.dp import DPRandomness, RoundPlan, noise_for_target, sample_rate, steps_per_epoch, train_dp_round
+
+torch.set_num_threads(2)
+name, kv = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
+J, L = int(kv.get("J", 2)), int(kv.get("L", 8))
+lr, bs, C = float(kv.get("lr", 3e-3)), int(kv.get("bs", 256)), float(kv.get("C", 1.0))
+R, E, eps = int(kv.get("rounds", 20)), int(kv.get("local", 2)), float(kv.get("eps", 8))
+opt, post, norm = kv.get("opt", "adamw"), kv.get("post", "none"), kv.get("norm", "gn81")
+weights = kv.get("weights", "equal")
+data, pre = Path("runs/asan"), Preprocess(size=64)
+t0 = time.perf_counter()
+S = Scattering(64, J, L)
+
+
+def feats(x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        f = torch.cat([S(x[i:i + 256]) for i in range(0, len(x), 256)])
+        if post == "log":
+            f = torch.log(float(kv.get("floor", 1e-3)) + f.clamp_min(0))
+        if norm.startswith("gn"):
+            f = nn.functional.group_norm(f, int(norm[2:]), eps=1e-5)
+        return f.contiguous()
+
+
+def fset(d: ImageSet) -> ImageSet:
+    return ImageSet(feats(d.images), d.labels, d.classes, d.files)
+
+
+sites = [fset(load_dataset(f, preprocess=pre)) for f in site_folders(data)]
+val = fset(load_dataset(data / "val", preprocess=pre))
+print("features", f"{time.perf_counter() - t0:.1f}s", flush=True)
+ch, side = val.images.shape[1], val.images.shape[-1]
+torch.manual_seed(0)
+g = nn.Sequential(nn.Flatten(), nn.Linear(ch * side * side, 3))
+nn.init.zeros_(g[-1].weight)
+nn.init.zeros_(g[-1].bias)
+plans = []
+for s in sites:
+    q, spe = sample_rate(len(s), bs), steps_per_epoch(len(s), bs)
+    plans.append(RoundPlan(noise_for_target(eps, delta=1e-5, sample_rate=q, steps=spe * E * R), C, q, E * spe, 1e-5))
+res = {"name": name, "kv": kv, "sigmas": [round(p.noise_multiplier, 3) for p in plans], "val": []}
+for r in range(R):
+    tc = TrainConfig(epochs=E, batch_size=bs, lr=lr, optimizer=opt, schedule="constant", seed=r, augment=False)
+    states = []
+    for s, pl in zip(sites, plans):
+        m = copy.deepcopy(g)
+        train_dp_round(m, s, train=tc, plan=pl, randomness=DPRandomness.fresh())
+        states.append(m.state_dict())
+    w = [len(s) for s in sites] if weights == "n" else [1] * len(sites)
+    g.load_state_dict({k: sum(st[k] * wi for st, wi in zip(states, w)) / sum(w) for k in states[0]})
+    res["val"].append(round(evaluate(g, val).auc_macro, 4))
+    if (r + 1) % 5 == 0:
+        print(f"{name} round {r + 1}: val {res['val'][-1]:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+res["s"] = round(time.perf_counter() - t0)
+with open("docs/experiments/scatter_fed_tune-results.jsonl", "a") as f:
+    f.write(json.dumps(res) + "\n")
