@@ -5,7 +5,8 @@
 FedAvg with equal site weights as privrad's DP clients send (weight 1), without Flower or SecAgg+ (which change
 nothing in the sum), the same DP-SGD (privacy.dp.train_dp_round) and accountant (σ per site for ε over all rounds).
 Features: privrad's Scattering (federation.scatter), then ``post`` (none | log: log(floor + S), floor 1e-3 unless given,
-then the standardisation) and ``norm`` (gnG: per-image GroupNorm with G groups; the default gn81 is ScatterFront's).
+then the standardisation), ``norm`` (gnG: per-image GroupNorm with G groups; the default gn81 is ScatterFront's) and
+``pool`` (k: k × k average pooling of the standardised features before the classifier).
 Kept as run; choices are read on the validation split only.
 """
 import copy
@@ -41,6 +42,8 @@ def feats(x: torch.Tensor) -> torch.Tensor:
             f = torch.log(float(kv.get("floor", 1e-3)) + f.clamp_min(0))
         if norm.startswith("gn"):
             f = nn.functional.group_norm(f, int(norm[2:]), eps=1e-5)
+        if int(kv.get("pool", 1)) > 1:  # average-pool the standardised features: fewer weights for the noise
+            f = nn.functional.avg_pool2d(f, int(kv["pool"]))
         return f.contiguous()
 
 
