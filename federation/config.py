@@ -166,10 +166,6 @@ class RunConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"`{name.replace('_', '-')}` must be positive, got {getattr(self, name)}")
-        try:
-            tuple(int(c) for c in self.channels.split(",") if c.strip())
-        except ValueError:
-            raise ConfigError(f"`channels` must be comma-separated integers, got {self.channels!r}") from None
         self.arch()   # the architecture keys together (channels, scatter, image-size): a ConfigError naming them
         if self.aug_mult < 1:
             raise ConfigError(f"`aug-mult` must be at least 1, got {self.aug_mult}")
@@ -198,8 +194,13 @@ class RunConfig:
     def arch(self) -> ArchConfig:
         """The Approx-CNN architecture every party builds."""
         return ArchConfig(input_size=self.image_size, head=HeadKind(self.head), act_init=ActInit(self.act_init),
-                          conv_gain=self.conv_gain, scatter=self.scatter,
-                          channels=tuple(int(c) for c in self.channels.split(",") if c.strip()))
+                          conv_gain=self.conv_gain, scatter=self.scatter, channels=self._channels())
+
+    def _channels(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(c) for c in self.channels.split(",") if c.strip())
+        except ValueError:
+            raise ConfigError(f"`channels` must be comma-separated integers, got {self.channels!r}") from None
 
     def to_flower(self) -> dict[str, Any]:
         """Flat ``-`` separated form (Flower run-config values: bool, int, float, str)."""

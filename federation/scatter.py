@@ -101,7 +101,7 @@ def morlet_filter_bank(m: int, J: int, L: int) -> tuple[list[list[FloatArray]], 
 
 
 def _filter_subsample(x: torch.Tensor, bank: torch.Tensor | None, k: int) -> torch.Tensor:
-    """``_subsample(x[..., None, :, :] * bank, k)`` tile by tile, never forming the full product.
+    """Spectrum of ``x[..., None, :, :] * bank`` subsampled by ``k`` in space, tile by tile (no full product).
 
     ``x`` is ``(..., H, W)``, ``bank`` ``(F, H, W)`` (or None: no filter, no new axis). The
     spectrum is folded over its ``k × k`` tiles; summing the tiles' products in place keeps

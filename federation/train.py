@@ -209,7 +209,10 @@ class FeatureCache:
                 self._bytes -= old.element_size() * old.nelement()
 
     def get(self, front: nn.Module, spec: tuple[int, ...], images: torch.Tensor) -> torch.Tensor:
-        """``front(images)`` in eval mode without gradients, computed once while ``images`` is cached."""
+        """``front(images)`` without gradients, computed once while ``images`` is cached.
+
+        No mode switch: the front end has no layer that behaves differently in training.
+        """
         key = (id(images), images._version, spec)
         with self._lock:
             hit = self._items.get(key)
@@ -309,11 +312,8 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, batch_size: int = 2
     """
     model.eval()
     feats = _model_features(model, images)
-    if feats is not None:
-        out = [torch.softmax(model(feats[i:i + batch_size], features=True), dim=1)
-               for i in range(0, len(feats), batch_size)]
-        return torch.cat(out).double().numpy()
-    out = [torch.softmax(model(images[i:i + batch_size]), dim=1) for i in range(0, len(images), batch_size)]
+    x, kw = (images, {}) if feats is None else (feats, {"features": True})
+    out = [torch.softmax(model(x[i:i + batch_size], **kw), dim=1) for i in range(0, len(x), batch_size)]
     return torch.cat(out).double().numpy()
 
 
