@@ -83,7 +83,9 @@ bench-service: $(STAMP)
 # rerun to resume. Then the from-scratch row again with the identity start (act-init, conv-gain; chosen on val/:
 # 0.800 against 0.604 with the ReLU-fit start), into $(FL_BENCH)-scratch; and with the scattering front end and a
 # linear classifier (scatter, channels; 40 rounds chosen on val/: 0.945-0.953), into $(FL_BENCH)-scatter (~5 min a seed),
-# and every other row with that model into $(FL_BENCH)-scatter-all (~11 min a seed).
+# and every other row with that model into $(FL_BENCH)-scatter-all (~11 min a seed); last, every row with one
+# 32-channel convolution stage on the features (20 rounds at batch 128, chosen on val/: docs/experiments/scatter_pub_tune.py)
+# into $(FL_BENCH)-scatter-cnn.
 FL_DATA ?= runs/asan
 FL_BENCH ?= runs/bench-fl
 bench-fl: $(STAMP)
@@ -92,6 +94,7 @@ bench-fl: $(STAMP)
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scratch --rows scratch-eps-8 --set num-server-rounds=5 --set local-epochs=2 --set batch-size=256 --set act-init=identity --set conv-gain=2
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter --rows scratch-eps-8 --set num-server-rounds=40 --set local-epochs=2 --set batch-size=256 --set scatter=2 --set channels= --set augment=false
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-all --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=40 --set local-epochs=2 --set batch-size=256 --set scatter=2 --set channels= --set augment=false
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-cnn --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=20 --set local-epochs=2 --set batch-size=128 --set scatter=2 --set channels=32 --set augment=false
 
 # Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
 # FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -17,6 +18,8 @@ LOGIT_ATOL = 1e-5   # the same float32 operations, in batches of another size
 GRAD_RTOL = 1e-4    # per-record gradients, relative to the largest entry (as in test_per_sample_gradients)
 
 ARCH = ArchConfig(input_size=32, channels=(), scatter=2, scatter_angles=4, head=HeadKind.FLATTEN)
+# the linear classifier and one convolution stage on the features (make bench-fl's scattering + CNN rows)
+HEADS = pytest.mark.parametrize("arch", [ARCH, dataclasses.replace(ARCH, channels=(8,))], ids=["linear", "conv8"])
 
 
 def _data(n: int = 40, seed: int = 0) -> ImageSet:
@@ -25,13 +28,15 @@ def _data(n: int = 40, seed: int = 0) -> ImageSet:
                     ("normal", "cyst", "tumor"), tuple(f"{i}.dcm" for i in range(n)))
 
 
-def test_features_path_gives_the_logits_of_the_full_forward() -> None:
-    model = build_model(ARCH, seed=1)
+@HEADS
+def test_features_path_gives_the_logits_of_the_full_forward(arch: ArchConfig) -> None:
+    model = build_model(arch, seed=1)
     torch.nn.init.normal_(model.classifier.weight, std=0.1)  # not the zero start: logits that differ per image
     data = _data()
     feats = front_features(model, data)
     assert feats is not None
     assert feats.images.shape == (40, scatter_channels(2, 4), 8, 8)
+    assert model.classifier.in_features == (scatter_channels(2, 4) * 64 if not arch.channels else 8 * 16)
     with torch.no_grad():
         full = model(data.images)
         cached = model(feats.images, features=True)
@@ -82,8 +87,9 @@ def test_cache_keeps_within_its_byte_limit() -> None:
     assert len(small) == 0
 
 
-def test_per_sample_gradients_on_features_equal_those_through_the_front() -> None:
-    model = build_model(ARCH, seed=2)
+@HEADS
+def test_per_sample_gradients_on_features_equal_those_through_the_front(arch: ArchConfig) -> None:
+    model = build_model(arch, seed=2)
     torch.nn.init.normal_(model.classifier.weight, std=0.1)
     data = _data(9)
     x = data.images[:, None]                                # (B, k = 1, 1, H, W)
@@ -119,11 +125,12 @@ def test_dp_round_on_a_scatter_model_learns_and_spends_what_it_planned(augment: 
     assert not torch.equal(model.classifier.weight, before)
 
 
-def test_dp_round_with_cached_features_matches_the_full_forward() -> None:
+@HEADS
+def test_dp_round_with_cached_features_matches_the_full_forward(arch: ArchConfig) -> None:
     """The same seeded sampling and noise: the cache changes no update (beyond float rounding)."""
     data = _data(60)
     cfg = TrainConfig(epochs=1, batch_size=20, lr=3e-3, optimizer="sgd", schedule="constant", seed=0, augment=False)
-    a, b = build_model(ARCH, seed=3), build_model(ARCH, seed=3)
+    a, b = build_model(arch, seed=3), build_model(arch, seed=3)
     train_dp_round(a, data, train=cfg, plan=_plan(60, cfg), randomness=_seeded(7))
     # b trains on features it must compute itself each step: a wrapper that hides the model type from the cache
     wrapped = _Uncached(b)
