@@ -3,25 +3,25 @@
 ``python docs/experiments/scatter_fed_tune.py NAME key=value ...`` from the repository root with runs/asan made
 (``make bench-fl``); appends one JSON line per run to docs/experiments/scatter_fed_tune-results.jsonl. Five sites,
 FedAvg with equal site weights as privrad's DP clients send (weight 1), without Flower or SecAgg+ (which change
-nothing in the sum), the same DP-SGD (privacy.dp.train_dp_round) and accountant (σ per site for ε over all rounds).
+nothing in the sum), the same DP-SGD (privacy.dp.train_dp_round) and accountant (σ per site for ε over all rounds):
+_fedsim.py.
 Features: privrad's Scattering (federation.scatter), then ``post`` (none | log: log(floor + S), floor 1e-3 unless given,
 then the standardisation), ``norm`` (gnG: per-image GroupNorm with G groups; the default gn81 is ScatterFront's) and
 ``pool`` (k: k × k average pooling of the standardised features before the classifier).
 Kept as run; choices are read on the validation split only.
 """
-import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _fedsim import fedavg_round, site_plans
 from torch import nn
 
 from federation.ingest import ImageSet, Preprocess, load_dataset, site_folders
 from federation.scatter import Scattering
 from federation.train import TrainConfig, evaluate
-from privacy.dp import DPRandomness, RoundPlan, noise_for_target, sample_rate, steps_per_epoch, train_dp_round
 
 torch.set_num_threads(2)
 name, kv = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
@@ -59,20 +59,11 @@ torch.manual_seed(0)
 g = nn.Sequential(nn.Flatten(), nn.Linear(ch * side * side, 3))
 nn.init.zeros_(g[-1].weight)
 nn.init.zeros_(g[-1].bias)
-plans = []
-for s in sites:
-    q, spe = sample_rate(len(s), bs), steps_per_epoch(len(s), bs)
-    plans.append(RoundPlan(noise_for_target(eps, delta=1e-5, sample_rate=q, steps=spe * E * R), C, q, E * spe, 1e-5))
+plans = site_plans(sites, bs=bs, local=E, rounds=R, eps=eps, C=C)
 res = {"name": name, "kv": kv, "sigmas": [round(p.noise_multiplier, 3) for p in plans], "val": []}
 for r in range(R):
     tc = TrainConfig(epochs=E, batch_size=bs, lr=lr, optimizer=opt, schedule="constant", seed=r, augment=False)
-    states = []
-    for s, pl in zip(sites, plans):
-        m = copy.deepcopy(g)
-        train_dp_round(m, s, train=tc, plan=pl, randomness=DPRandomness.fresh())
-        states.append(m.state_dict())
-    w = [len(s) for s in sites] if weights == "n" else [1] * len(sites)
-    g.load_state_dict({k: sum(st[k] * wi for st, wi in zip(states, w)) / sum(w) for k in states[0]})
+    fedavg_round(g, sites, plans, tc, by_size=weights == "n")
     res["val"].append(round(evaluate(g, val).auc_macro, 4))
     if (r + 1) % 5 == 0:
         print(f"{name} round {r + 1}: val {res['val'][-1]:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)

@@ -3,15 +3,17 @@
 ``python docs/experiments/scatter_pub_tune.py NAME key=value ...`` from the repository root with runs/asan made
 (``make bench-fl``); appends one JSON line per run to docs/experiments/scatter_pub_tune-results.jsonl. As
 scatter_fed_tune.py (five sites, FedAvg without Flower or SecAgg+, privrad's DP-SGD and accountant, σ per site for
-ε over all rounds) but starting from the public start (``start=public``: the linear classifier pretrained on the
-public archive's features, 15 epochs at batch 32 as aggregator.initial does; ``start=zero``: from zeros), on the
-features ScatterFront makes (log(1e-2 + S), per-image GroupNorm). Post-processing of the released global models
-costs no privacy, so one run also scores the server's exponential moving averages of the global weights
-(``ema`` decays, comma-separated) every round. ``sched=cos`` decays the sites' learning rate over the rounds,
-``weights=n`` weights sites by their size (equal by default, as privrad's DP clients send), ``pca=k`` projects the
-features on the first k principal directions of the public archive's features (data-independent for the sites);
-``channels=c1[:c2...]`` trains privrad's model instead (ArchConfig(scatter=2, channels=...): convolution stages on
-the same front end, with its feature cache) on the images.
+ε over all rounds; _fedsim.py) but starting from the public start (``start=public``: the linear classifier
+pretrained on the public archive's features, 15 epochs at batch 32 as aggregator.initial does, without flips;
+``start=zero``: from zeros), on the features privrad's ScatterFront makes (log(1e-2 + S), per-image GroupNorm;
+federation.train.front_features). Post-processing of the released global models costs no privacy, so one run
+also scores the server's exponential moving averages of the global weights (``ema`` decays, comma-separated) every
+round. ``sched=cos`` decays the sites' learning rate over the rounds, ``weights=n`` weights sites by their size
+(equal by default, as privrad's DP clients send), ``pca=k`` projects the features on the first k principal
+directions of the public archive's features (data-independent for the sites); ``channels=c1[:c2...]`` trains
+privrad's model instead (ArchConfig(scatter=2, channels=...): convolution stages on the same front end, with its
+feature cache) on the images. Results up to cnn64 came from an earlier version that computed the same features by
+hand (the same operations) and kept them in a file.
 Kept as run; choices are read on the validation split only.
 """
 import copy
@@ -22,13 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from _fedsim import fedavg_round, site_plans
 from torch import nn
 
 from federation.ingest import ImageSet, Preprocess, load_dataset, site_folders
 from federation.model import ArchConfig, HeadKind, build_model
-from federation.scatter import Scattering
-from federation.train import TrainConfig, evaluate, train_epochs
-from privacy.dp import DPRandomness, RoundPlan, noise_for_target, sample_rate, steps_per_epoch, train_dp_round
+from federation.train import TrainConfig, evaluate, front_features, train_epochs
 
 torch.set_num_threads(2)
 name, kv = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
@@ -38,33 +39,19 @@ opt, sched, weights = kv.get("opt", "adamw"), kv.get("sched", "const"), kv.get("
 emas = [float(b) for b in kv.get("ema", "0.5,0.8,0.9").split(",")]
 data, pre = Path("runs/asan"), Preprocess(size=64)
 t0 = time.perf_counter()
-S = Scattering(64, 2, 8)
-
-
-def feats(x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        f = torch.cat([S(x[i:i + 256]) for i in range(0, len(x), 256)])
-        f = nn.functional.group_norm(torch.log(1e-2 + f.clamp_min(0)), f.shape[1], eps=1e-5)
-        return f.flatten(1).contiguous()
-
-
-def fset(d: ImageSet) -> ImageSet:
-    return ImageSet(feats(d.images), d.labels, d.classes, d.files)
-
-
 cnn = tuple(int(c) for c in kv["channels"].split(":")) if "channels" in kv else ()
-cache = Path("runs/scatter-pub-tune-features.pt")  # the features of runs/asan, made once
-if cnn:  # images: the model's own front end computes (and caches) the features
-    sites = [load_dataset(f, preprocess=pre) for f in site_folders(data)]
-    val = load_dataset(data / "val", preprocess=pre)
-    public = load_dataset(data / "public", classes=val.classes, preprocess=pre)
-elif cache.is_file():
-    sites, val, public = torch.load(cache, weights_only=False)
-else:
-    sites = [fset(load_dataset(f, preprocess=pre)) for f in site_folders(data)]
-    val = fset(load_dataset(data / "val", preprocess=pre))
-    public = fset(load_dataset(data / "public", classes=val.classes, preprocess=pre))
-    torch.save((sites, val, public), cache)
+sites = [load_dataset(f, preprocess=pre) for f in site_folders(data)]
+val = load_dataset(data / "val", preprocess=pre)
+public = load_dataset(data / "public", classes=val.classes, preprocess=pre)
+if not cnn:  # the linear classifier trains on privrad's own front-end features (ScatterFront), flattened
+    front = build_model(ArchConfig(input_size=64, head=HeadKind.FLATTEN, scatter=2, channels=()), seed=0)
+
+    def flat(d: ImageSet) -> ImageSet:
+        f = front_features(front, d)
+        assert f is not None
+        return ImageSet(f.images.flatten(1), d.labels, d.classes, d.files)
+
+    sites, val, public = [flat(s) for s in sites], flat(val), flat(public)
 if "pca" in kv:  # principal directions of the public features only
     k = int(kv["pca"])
     mu = public.images.mean(0)
@@ -90,22 +77,13 @@ if kv.get("start", "public") == "public":
     train_epochs(g, public, config=TrainConfig(epochs=15, batch_size=32, lr=3e-3, seed=0, augment=False))
     res["start_val"] = round(evaluate(g, val).auc_macro, 4)
     print("public start val", res["start_val"], flush=True)
-plans = []
-for s in sites:
-    q, spe = sample_rate(len(s), bs), steps_per_epoch(len(s), bs)
-    plans.append(RoundPlan(noise_for_target(eps, delta=1e-5, sample_rate=q, steps=spe * E * R), C, q, E * spe, 1e-5))
+plans = site_plans(sites, bs=bs, local=E, rounds=R, eps=eps, C=C)
 res.update(sigmas=[round(p.noise_multiplier, 3) for p in plans], val=[], ema={str(b): [] for b in emas})
 avg = {b: copy.deepcopy(g.state_dict()) for b in emas}
 for r in range(R):
     lr_r = lr * 0.5 * (1 + math.cos(math.pi * r / R)) if sched == "cos" else lr
     tc = TrainConfig(epochs=E, batch_size=bs, lr=lr_r, optimizer=opt, schedule="constant", seed=r, augment=False)
-    states = []
-    for s, pl in zip(sites, plans):
-        m = copy.deepcopy(g)
-        train_dp_round(m, s, train=tc, plan=pl, randomness=DPRandomness.fresh())
-        states.append(m.state_dict())
-    w = [len(s) for s in sites] if weights == "n" else [1] * len(sites)
-    g.load_state_dict({k: sum(st[k] * wi for st, wi in zip(states, w)) / sum(w) for k in states[0]})
+    fedavg_round(g, sites, plans, tc, by_size=weights == "n")
     res["val"].append(round(evaluate(g, val).auc_macro, 4))
     for b in emas:
         avg[b] = {k: b * avg[b][k] + (1 - b) * g.state_dict()[k] for k in avg[b]}
