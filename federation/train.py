@@ -219,9 +219,8 @@ class FeatureCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        with torch.no_grad():
-            feats = torch.cat([front(images[i:i + 256]) for i in range(0, len(images), 256)]).contiguous() \
-                if len(images) else front(images)
+        with torch.no_grad():  # an empty set gives empty features of the right shape
+            feats = torch.cat([front(images[i:i + 256]) for i in range(0, max(len(images), 1), 256)]).contiguous()
         size = feats.element_size() * feats.nelement()
         if size > self.limit:
             return feats
@@ -248,6 +247,17 @@ def front_features(model: nn.Module, data: ImageSet) -> ImageSet | None:
     return None if feats is None else replace(data, images=feats)
 
 
+def training_inputs(model: nn.Module, data: ImageSet, *, augment: bool) -> tuple[ImageSet, bool]:
+    """The set a training loop draws batches from, and whether it holds front-end features.
+
+    Cached features for a model with a fixed front end and no augmentation (an augmented
+    copy is a new image); ``data`` itself otherwise. Pass the flag on as
+    ``model(x, features=flag)`` or ``PerSampleGradients(model, features=flag)``.
+    """
+    feats = None if augment else front_features(model, data)
+    return (data, False) if feats is None else (feats, True)
+
+
 def _model_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(model, PrivradCNN) or not model.config.scatter:
         return None
@@ -270,9 +280,8 @@ def train_epochs(
     """
     prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
     gen = torch.Generator().manual_seed(config.seed)
-    feats = None if config.augment else front_features(model, data)
-    kw = {"features": True} if feats is not None else {}
-    data = feats if feats is not None else data
+    data, on_features = training_inputs(model, data, augment=config.augment)
+    kw = {"features": True} if on_features else {}
     loader = DataLoader(TensorDataset(data.images, data.labels), batch_size=config.batch_size,
                         shuffle=True, generator=gen)
     opt, sched = make_optimizer(model, config, config.epochs * len(loader))
@@ -313,7 +322,7 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, batch_size: int = 2
     model.eval()
     feats = _model_features(model, images)
     x, kw = (images, {}) if feats is None else (feats, {"features": True})
-    out = [torch.softmax(model(x[i:i + batch_size], **kw), dim=1) for i in range(0, len(x), batch_size)]
+    out = [torch.softmax(model(x[i:i + batch_size], **kw), dim=1) for i in range(0, max(len(x), 1), batch_size)]
     return torch.cat(out).double().numpy()
 
 

@@ -33,7 +33,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from federation.errors import ModelError, PolicyRefusedError, PrivacyBudgetError
 from federation.ingest import ImageSet
-from federation.train import ProximalTerm, TrainConfig, augment_batch, front_features, make_optimizer
+from federation.train import ProximalTerm, TrainConfig, augment_batch, make_optimizer, training_inputs
 from privacy.ledger import LedgerEntry, PrivacyLedger, StepSet, epsilon_of, merge_step_sets, noise_for_remaining
 from privacy.policy import RoundRequest, Rule, SitePolicy, review
 
@@ -257,10 +257,10 @@ def train_dp_round(
         raise PrivacyBudgetError(f"plan has q {plan.sample_rate}, the data give {sample_rate(n, train.batch_size)}")
     prox = ProximalTerm(model, proximal_mu) if proximal_mu else None
     augment_gen = torch.Generator().manual_seed(train.seed)  # augmentation only: no privacy rests on it
-    feats = None if train.augment else front_features(model, data)  # a fixed front end: computed once
-    loader = dp_loader(feats if feats is not None else data, batch_size=train.batch_size, generator=rng.sampling)
+    inputs, on_features = training_inputs(model, data, augment=train.augment)  # a fixed front end: computed once
+    loader = dp_loader(inputs, batch_size=train.batch_size, generator=rng.sampling)
     optimizer, sched = make_optimizer(model, train, plan.steps)
-    per_sample = PerSampleGradients(model, features=feats is not None)
+    per_sample = PerSampleGradients(model, features=on_features)
     dp_opt = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                          expected_batch_size=max(1, round(n * plan.sample_rate)), generator=rng.noise,
                          secure_mode=True)

@@ -155,3 +155,15 @@ def test_plain_training_on_cached_features_lowers_the_loss() -> None:
                       augment=False)
     history = train_epochs(model, data, config=cfg)
     assert history[-1].loss < history[0].loss
+
+
+@HEADS
+def test_an_empty_set_gives_empty_features_and_probabilities(arch: ArchConfig) -> None:
+    model = build_model(arch, seed=0)
+    empty = torch.zeros(0, 1, 32, 32)
+    feats = FeatureCache().get(model.front, (32, 2, 4), empty)
+    assert feats.shape == (0, scatter_channels(2, 4), 8, 8)
+    probs = predict_proba(model, empty)
+    assert probs.shape == (0, 3)
+    plain = build_model(ArchConfig(input_size=32, head=HeadKind.FLATTEN), seed=0)
+    assert predict_proba(plain, empty).shape == (0, 3)
