@@ -95,6 +95,8 @@ bench-fl: $(STAMP)
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter --rows scratch-eps-8 --set num-server-rounds=40 --set local-epochs=2 --set batch-size=256 --set scatter=2 --set channels= --set augment=false
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-all --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=40 --set local-epochs=2 --set batch-size=256 --set scatter=2 --set channels= --set augment=false
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-cnn --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=20 --set local-epochs=2 --set batch-size=128 --set scatter=2 --set channels=32 --set augment=false
+	test -f $(FL_DATA)-pub300/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA)-pub300 --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public 300 --public-shift 0.5 --size 64 --seed 0
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300 --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=20 --set local-epochs=2 --set batch-size=128 --set scatter=2 --set channels=32 --set augment=false
 
 # Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
 # FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.

@@ -10,7 +10,9 @@ federation.train.front_features). Post-processing of the released global models 
 also scores the server's exponential moving averages of the global weights (``ema`` decays, comma-separated) every
 round. ``sched=cos`` decays the sites' learning rate over the rounds, ``weights=n`` weights sites by their size
 (equal by default, as privrad's DP clients send), ``pca=k`` projects the features on the first k principal
-directions of the public archive's features (data-independent for the sites); ``channels=c1[:c2...]`` trains
+directions of the public archive's features (data-independent for the sites); ``data=DIR`` another federation
+(default runs/asan), ``wd`` the sites' AdamW weight decay (default 1e-4), ``pre_aug=1`` pretrains with flips and
+shifts as the benchmark's public start does (default off, as in the runs before it); ``channels=c1[:c2...]`` trains
 privrad's model instead (ArchConfig(scatter=2, channels=...): convolution stages on the same front end, with its
 feature cache) on the images. Results up to cnn64 came from an earlier version that computed the same features by
 hand (the same operations) and kept them in a file.
@@ -37,7 +39,8 @@ lr, bs, C = float(kv.get("lr", 3e-3)), int(kv.get("bs", 256)), float(kv.get("C",
 R, E, eps = int(kv.get("rounds", 40)), int(kv.get("local", 2)), float(kv.get("eps", 8))
 opt, sched, weights = kv.get("opt", "adamw"), kv.get("sched", "const"), kv.get("weights", "equal")
 emas = [float(b) for b in kv.get("ema", "0.5,0.8,0.9").split(",")]
-data, pre = Path("runs/asan"), Preprocess(size=64)
+data, pre = Path(kv.get("data", "runs/asan")), Preprocess(size=64)
+wd, pre_aug = float(kv.get("wd", 1e-4)), kv.get("pre_aug", "0") == "1"
 t0 = time.perf_counter()
 cnn = tuple(int(c) for c in kv["channels"].split(":")) if "channels" in kv else ()
 sites = [load_dataset(f, preprocess=pre) for f in site_folders(data)]
@@ -74,7 +77,7 @@ else:
     nn.init.zeros_(g[-1].bias)
 res = {"name": name, "kv": kv}
 if kv.get("start", "public") == "public":
-    train_epochs(g, public, config=TrainConfig(epochs=15, batch_size=32, lr=3e-3, seed=0, augment=False))
+    train_epochs(g, public, config=TrainConfig(epochs=15, batch_size=32, lr=3e-3, seed=0, augment=pre_aug))
     res["start_val"] = round(evaluate(g, val).auc_macro, 4)
     print("public start val", res["start_val"], flush=True)
 plans = site_plans(sites, bs=bs, local=E, rounds=R, eps=eps, C=C)
@@ -82,7 +85,8 @@ res.update(sigmas=[round(p.noise_multiplier, 3) for p in plans], val=[], ema={st
 avg = {b: copy.deepcopy(g.state_dict()) for b in emas}
 for r in range(R):
     lr_r = lr * 0.5 * (1 + math.cos(math.pi * r / R)) if sched == "cos" else lr
-    tc = TrainConfig(epochs=E, batch_size=bs, lr=lr_r, optimizer=opt, schedule="constant", seed=r, augment=False)
+    tc = TrainConfig(epochs=E, batch_size=bs, lr=lr_r, weight_decay=wd, optimizer=opt, schedule="constant", seed=r,
+                     augment=False)
     fedavg_round(g, sites, plans, tc, by_size=weights == "n")
     res["val"].append(round(evaluate(g, val).auc_macro, 4))
     for b in emas:
