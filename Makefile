@@ -85,18 +85,21 @@ bench-service: $(STAMP)
 # linear classifier (scatter, channels; 40 rounds chosen on val/: 0.945-0.953), into $(FL_BENCH)-scatter (~5 min a seed),
 # and every other row with that model into $(FL_BENCH)-scatter-all (~11 min a seed); last, every row with one
 # 32-channel convolution stage on the features (20 rounds at batch 128, chosen on val/: docs/experiments/scatter_pub_tune.py)
-# into $(FL_BENCH)-scatter-cnn.
+# into $(FL_BENCH)-scatter-cnn; then the same model on the same hospitals with a 300-slice public archive
+# ($(FL_DATA)-pub300, whose start keeps the aim of a public start <= 0.88) into $(FL_BENCH)-scatter-cnn-pub300.
 FL_DATA ?= runs/asan
 FL_BENCH ?= runs/bench-fl
+ASAN_SITES = --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public-shift 0.5 --size 64 --seed 0
+SCATTER_CNN = --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=20 --set local-epochs=2 --set batch-size=128 --set scatter=2 --set channels=32 --set augment=false
 bench-fl: $(STAMP)
-	test -f $(FL_DATA)/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA) --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public 1000 --public-shift 0.5 --size 64 --seed 0
+	test -f $(FL_DATA)/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA) --public 1000 $(ASAN_SITES)
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH) --set num-server-rounds=5 --set local-epochs=2 --set batch-size=256
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scratch --rows scratch-eps-8 --set num-server-rounds=5 --set local-epochs=2 --set batch-size=256 --set act-init=identity --set conv-gain=2
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter --rows scratch-eps-8 --set num-server-rounds=40 --set local-epochs=2 --set batch-size=256 --set scatter=2 --set channels= --set augment=false
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-all --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=40 --set local-epochs=2 --set batch-size=256 --set scatter=2 --set channels= --set augment=false
-	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-cnn --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=20 --set local-epochs=2 --set batch-size=128 --set scatter=2 --set channels=32 --set augment=false
-	test -f $(FL_DATA)-pub300/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA)-pub300 --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public 300 --public-shift 0.5 --size 64 --seed 0
-	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300 --rows public,local,fedavg,dp-eps-8,central --set num-server-rounds=20 --set local-epochs=2 --set batch-size=128 --set scatter=2 --set channels=32 --set augment=false
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-cnn $(SCATTER_CNN)
+	test -f $(FL_DATA)-pub300/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA)-pub300 --public 300 $(ASAN_SITES)
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300 $(SCATTER_CNN)
 
 # Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
 # FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.
