@@ -219,8 +219,8 @@ class FeatureCache:
             if hit is not None:
                 self._items.move_to_end(key)
                 return hit
-        with torch.no_grad():  # an empty set gives empty features of the right shape
-            feats = torch.cat([front(images[i:i + 256]) for i in range(0, max(len(images), 1), 256)]).contiguous()
+        with torch.no_grad():
+            feats = torch.cat([front(b) for b in _chunks(images, 256)]).contiguous()
         size = feats.element_size() * feats.nelement()
         if size > self.limit:
             return feats
@@ -254,8 +254,27 @@ def training_inputs(model: nn.Module, data: ImageSet, *, augment: bool) -> tuple
     copy is a new image); ``data`` itself otherwise. Pass the flag on as
     ``model(x, features=flag)`` or ``PerSampleGradients(model, features=flag)``.
     """
-    feats = None if augment else front_features(model, data)
-    return (data, False) if feats is None else (feats, True)
+    x, on_features = model_inputs(model, data.images, augment=augment)
+    return (replace(data, images=x) if on_features else data), on_features
+
+
+def model_inputs(model: nn.Module, images: torch.Tensor, *, augment: bool = False) -> tuple[torch.Tensor, bool]:
+    """:func:`training_inputs` for a tensor.
+
+    The cached features of ``images`` (and True) for a model with a fixed front end and no
+    augmentation, else ``images`` itself (and False).
+    """
+    feats = None if augment else _model_features(model, images)
+    return (images, False) if feats is None else (feats, True)
+
+
+def _chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``x`` in slices of ``size`` rows.
+
+    An empty ``x`` gives one empty slice, so that ``torch.cat`` of what a model makes of the
+    slices has the right trailing shape.
+    """
+    return [x[i:i + size] for i in range(0, max(len(x), 1), size)]
 
 
 def _model_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
@@ -320,9 +339,9 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, batch_size: int = 2
     A model with a fixed front end reads its cached features of ``images`` (the same logits).
     """
     model.eval()
-    feats = _model_features(model, images)
-    x, kw = (images, {}) if feats is None else (feats, {"features": True})
-    out = [torch.softmax(model(x[i:i + batch_size], **kw), dim=1) for i in range(0, max(len(x), 1), batch_size)]
+    x, on_features = model_inputs(model, images)
+    kw = {"features": True} if on_features else {}
+    out = [torch.softmax(model(b, **kw), dim=1) for b in _chunks(x, batch_size)]
     return torch.cat(out).double().numpy()
 
 
