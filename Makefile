@@ -86,7 +86,8 @@ bench-service: $(STAMP)
 # and every other row with that model into $(FL_BENCH)-scatter-all (~11 min a seed); last, every row with one
 # 32-channel convolution stage on the features (20 rounds at batch 128, chosen on val/: docs/experiments/scatter_pub_tune.py)
 # into $(FL_BENCH)-scatter-cnn; then the same model on the same hospitals with a 300-slice public archive
-# ($(FL_DATA)-pub300, whose start keeps the aim of a public start <= 0.88) into $(FL_BENCH)-scatter-cnn-pub300.
+# ($(FL_DATA)-pub300, whose start keeps the aim of a public start <= 0.88) into $(FL_BENCH)-scatter-cnn-pub300, and
+# again at lr 0.01 decayed by a cosine over the rounds (chosen on val/) into $(FL_BENCH)-scatter-cnn-pub300-cos.
 FL_DATA ?= runs/asan
 FL_BENCH ?= runs/bench-fl
 ASAN_SITES = --sites 5 --site-sizes 4000,3000,2400,1800,800 --test 2000 --val 1000 --public-shift 0.5 --size 64 --seed 0
@@ -100,6 +101,7 @@ bench-fl: $(STAMP)
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-cnn $(SCATTER_CNN)
 	test -f $(FL_DATA)-pub300/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA)-pub300 --public 300 $(ASAN_SITES)
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300 $(SCATTER_CNN)
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300-cos $(SCATTER_CNN) --set learning-rate=0.01 --set lr-schedule=cosine
 
 # Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
 # FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.

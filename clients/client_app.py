@@ -118,8 +118,12 @@ def round_request(cfg: RunConfig, *, secagg: bool) -> RoundRequest:
 
 
 def train_config(cfg: RunConfig, site: str, server_round: int) -> TrainConfig:
-    """Local optimiser settings; the seed (augmentation only) differs per round and site."""
-    return TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+    """Local optimiser settings for ``server_round``.
+
+    The rate follows ``lr-schedule`` over the rounds (constant within one); the seed (augmentation only) differs
+    per round and site.
+    """
+    return TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.round_learning_rate(server_round),
                        optimizer=cfg.optimizer, schedule="constant", augment=cfg.augment, shift=cfg.shift,
                        aug_mult=cfg.aug_mult, seed=zlib.crc32(f"{cfg.seed}/{site}/{server_round}".encode()))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -60,6 +61,10 @@ def parse_flat(cls: type[Any], values: Mapping[str, Any], *, what: str) -> dict[
     return out
 
 
+LR_SCHEDULES = ("constant", "cosine")
+"""``lr-schedule`` values: the same rate every round, or a cosine decay across the server rounds."""
+
+
 class StrategyKind(enum.StrEnum):
     """Server-side aggregation strategy (all run inside SecAgg+ when it is on)."""
 
@@ -93,6 +98,9 @@ class RunConfig:
     ``channels`` (comma-separated; empty: none) and ``scatter`` (``J`` of the fixed
     scattering front end, 0: none) shape the Approx-CNN (:class:`~federation.model.ArchConfig`);
     ``channels = ""`` with ``scatter = 2`` is a linear classifier on scattering features.
+    ``lr_schedule`` ``cosine`` decays the sites' learning rate across the server rounds
+    (:meth:`round_learning_rate`; constant within a round): on the 300-slice archive's federation it lifted
+    DP-SGD at ε = 8 from val macro-AUC 0.970 (constant lr 0.01) to 0.976 (docs/federated-training.md).
     ``secagg_num_shares`` 0 lets the server size each site's SecAgg+ neighbourhood
     (``2 ⌈1.5 log₂ n⌉ + 1`` of ``n`` sampled sites, all of them up to 13:
     :func:`aggregator.secagg.auto_share_count`); a value in (0, 1] is a fraction of the
@@ -108,6 +116,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 3e-3
+    lr_schedule: str = "constant"
     optimizer: str = "adamw"
     augment: bool = True
     shift: int = 0
@@ -159,6 +168,8 @@ class RunConfig:
         object.__setattr__(self, "strategy", _choice("strategy", StrategyKind, self.strategy))
         _choice("head", HeadKind, self.head)   # kept as str (a Flower run-config value), checked here
         _choice("act_init", ActInit, self.act_init)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"`lr-schedule` must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         positive = ("num_server_rounds", "local_epochs", "batch_size", "pretrain_batch_size", "learning_rate",
                     "image_size", "conv_gain", "max_grad_norm", "epsilon_budget", "secagg_threshold",
                     "secagg_timeout", "secagg_max_weight", "secagg_clipping_range", "central_clipping_norm",
@@ -184,6 +195,17 @@ class RunConfig:
             raise ConfigError(f"`min-clients` must be at least 2 with SecAgg+, got {self.min_clients}")
         if not 0 < self.fraction_fit <= 1:
             raise ConfigError(f"`fraction-fit` must be in (0, 1], got {self.fraction_fit}")
+
+    def round_learning_rate(self, server_round: int) -> float:
+        """The sites' learning rate in ``server_round`` (1-based): constant, or a cosine decay over the rounds.
+
+        ``cosine`` gives round ``r`` of ``R`` the rate ``lr · (1 + cos(π (r − 1) / R)) / 2``: the full rate in
+        round 1, falling towards 0 in the last (round 0, the planning call, gets the full rate).
+        """
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        r = min(max(server_round - 1, 0), self.num_server_rounds - 1)
+        return self.learning_rate * 0.5 * (1 + math.cos(math.pi * r / self.num_server_rounds))
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:

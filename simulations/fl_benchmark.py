@@ -301,7 +301,8 @@ def summarise(cfg: BenchConfig) -> dict[str, Any]:
     base = cfg.base(0, cfg.folder)
     settings = {"num_server_rounds": base.num_server_rounds, "local_epochs": base.local_epochs,
                 "batch_size": base.batch_size, "optimizer": base.optimizer, "learning_rate": base.learning_rate,
-                "max_grad_norm": base.max_grad_norm, "delta": 1e-5, "central_epochs": cfg.central_epochs,
+                "lr_schedule": base.lr_schedule, "max_grad_norm": base.max_grad_norm, "delta": 1e-5,
+                "central_epochs": cfg.central_epochs,
                 "model": _model_text(base)}
     summary = {**cfg.to_dict(), "settings": settings, "rows": table, "wall_time_vs_fedavg": ratios}
     atomic_write_json(cfg.folder / "benchmark.json", summary)
@@ -345,7 +346,9 @@ def markdown(summary: dict[str, Any]) -> str:
     if st:  # what actually ran, defaults included, so a table cannot be read against settings it did not use
         epochs = f"{st['local_epochs']} local epoch" + "s" * (st["local_epochs"] != 1)
         lines += ["", f"Settings: {st['num_server_rounds']} rounds × {epochs} at batch "
-                      f"{st['batch_size']}, {st['optimizer']} lr {st['learning_rate']:g}, clipping norm "
+                      f"{st['batch_size']}, {st['optimizer']} lr {st['learning_rate']:g}"
+                      + (" with a cosine decay over the rounds" if st.get("lr_schedule") == "cosine" else "")
+                      + f", clipping norm "
                       f"{st['max_grad_norm']:g}, δ = {st['delta']:g}; centralised: {st['central_epochs']} epochs."
                       + (f" Model: {st['model']}." if st.get("model") else "")]
     return "\n".join(lines) + "\n"
