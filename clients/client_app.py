@@ -227,7 +227,9 @@ class HospitalClient(NumPyClient):
         """
         if self.before_fit is not None:
             self.before_fit()
-        server_round = int(config.get("server-round", 0))  # labels the ledger entry; trusted for nothing else
+        # labels the ledger entry and picks the round's learning rate (lr-schedule); trusted for nothing that
+        # bears on privacy: σ, clipping and the spend come from the site's policy and ledger, whatever round it says
+        server_round = int(config.get("server-round", 0))
         request = round_request(self.cfg, secagg=self.secagg)
         set_weights(self.model, parameters)
         train = train_config(self.cfg, self.site.name, server_round)

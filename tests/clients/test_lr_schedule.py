@@ -48,3 +48,12 @@ def test_the_flat_run_config_key_and_a_bad_value() -> None:
     assert cfg.round_learning_rate(3) == pytest.approx(cfg.learning_rate * 0.25, rel=LR_TOL)
     with pytest.raises(ConfigError, match="`lr-schedule` must be one of constant, cosine, got 'step'"):
         RunConfig(lr_schedule="step")
+
+
+def test_a_server_round_out_of_range_stays_on_the_schedule() -> None:
+    """``server-round`` comes from the (untrusted) server: outside 1..R it is held to the schedule's ends."""
+    cfg = RunConfig(num_server_rounds=5, learning_rate=0.01, lr_schedule="cosine")
+    last = cfg.round_learning_rate(5)
+    assert cfg.round_learning_rate(-7) == cfg.round_learning_rate(1) == 0.01
+    assert cfg.round_learning_rate(10**9) == last
+    assert 0 < last < 0.01
