@@ -101,7 +101,7 @@ bench-fl: $(STAMP)
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA) --out $(FL_BENCH)-scatter-cnn $(SCATTER_CNN)
 	test -f $(FL_DATA)-pub300/sites.json || $(VENV)/bin/privrad phantoms --out $(FL_DATA)-pub300 --public 300 $(ASAN_SITES)
 	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300 $(SCATTER_CNN)
-	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300-cos $(SCATTER_CNN) --set learning-rate=0.01 --set lr-schedule=cosine
+	$(VENV)/bin/privrad benchmark federated --data $(FL_DATA)-pub300 --out $(FL_BENCH)-scatter-cnn-pub300-cos $(SCATTER_CNN) --set learning-rate=0.01 --set lr-schedule=cosine --set secagg-timeout=600
 
 # Scaling of federated DP-SGD + SecAgg+ with the number of sites (20, 50, 100, 200; 3 rounds each, plus plain
 # FedAvg as the baseline): scaling.json/.md/.png. Over an hour on 2 cores; rerun to resume.

@@ -103,7 +103,8 @@ class RunConfig:
     ``channels = ""`` with ``scatter = 2`` is a linear classifier on scattering features.
     ``lr_schedule`` ``cosine`` decays the sites' learning rate across the server rounds
     (:meth:`round_learning_rate`; constant within a round): on the 300-slice archive's federation it lifted
-    DP-SGD at ε = 8 from val macro-AUC 0.970 (constant lr 0.01) to 0.976 (docs/federated-training.md).
+    DP-SGD at ε = 8 from val macro-AUC 0.970 (constant lr 0.01) to 0.976 in the tuning script, but the
+    Flower pipeline's seed 0 reached 0.968 (docs/federated-training.md: a gap not yet explained).
     ``secagg_num_shares`` 0 lets the server size each site's SecAgg+ neighbourhood
     (``2 ⌈1.5 log₂ n⌉ + 1`` of ``n`` sampled sites, all of them up to 13:
     :func:`aggregator.secagg.auto_share_count`); a value in (0, 1] is a fraction of the
@@ -206,9 +207,9 @@ class RunConfig:
 
         Each site sends its parameters times ``weight / max_weight``, quantised to 2²² levels over
         ``±secagg_clipping_range`` (3.8e-6 at 8). Under DP-SGD or central DP every weight is 1, so a cap of 1
-        keeps that step; Flower's default of 1000 made it 3.8e-3 in parameter units, a noise that drowned
-        the small late-round steps of a decaying learning rate (val macro-AUC 0.965 against 0.976 without
-        SecAgg+, docs/federated-training.md). Without DP the weight is the site's size, capped at 1000.
+        keeps that step; Flower's default of 1000 made it 3.8e-3 in parameter units, as large as the late
+        rounds' whole update under a decaying learning rate (docs/federated-training.md). Without DP the
+        weight is the site's size, capped at 1000.
         """
         if self.secagg_max_weight > 0:
             return self.secagg_max_weight
